@@ -1,0 +1,30 @@
+# Set-up is a virtual environment in .venv with the versions in constraints.txt.
+# Every target installs what it needs first; a second run reuses the environment.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# Test workers (pytest-xdist); multi-device tests force 8 host devices themselves.
+WORKERS ?= 2
+
+.PHONY: setup test demo peer clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+test: $(INSTALLED)
+	$(PY) -m pytest -n $(WORKERS) -q tests
+
+demo: $(INSTALLED)
+	$(PY) -m unet_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+
+# PyTorch CPU build for the peer benchmark (an unpinned torch pulls CUDA packages).
+peer: $(INSTALLED)
+	$(PY) -m pip install --quiet -c constraints.txt 'torch==2.13.0'
+
+clean:
+	rm -rf $(VENV) runs data/synthetic data/synthetic_smoke

@@ -1,0 +1,97 @@
+r"""CARLA semantic segmentation: U-Net at 96x128, 23 classes.
+
+    python -m unet_jax.main --config=configs/carla.py --workdir=runs/carla \
+        --config.data.data_dir=/path/to/carla   # holds CameraRGB/ and CameraMask/
+
+The setting of the original CARLA U-Net study: images resized to 96x128,
+base_filters 32, dropout 0.3 in the two deepest blocks, Adam 1e-3, batch 32,
+40 epochs. Results and wall times are in the README's results table.
+`get_config('smoke')` shrinks it to a seconds-long run.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---- model (unet_jax.models.UNet) ----
+  config.model = ml_collections.ConfigDict()
+  config.model.num_classes = 23
+  config.model.base_filters = 32
+  config.model.depth = 4
+  config.model.padding = 'SAME'  # 'VALID' is the paper's unpadded convolutions
+  config.model.dropout_rate = 0.3
+  config.model.dropout_blocks = 2  # the deepest contracting block and the bottleneck
+  config.model.use_batch_norm = False
+  config.model.upconv_kernel_size = 2
+  config.model.head_filters = 0
+  config.model.dtype = 'float32'  # 'bfloat16' for mixed precision
+
+  # ---- data (unet_jax.input_pipeline) ----
+  config.data = ml_collections.ConfigDict()
+  # A CARLA-format folder: CameraRGB/<name>.png and CameraMask/<name>.png.
+  config.data.data_dir = 'data/carla'
+  # If > 0 and data_dir holds no frames, write this many synthetic scenes there first.
+  config.data.synthetic_scenes = 0
+  # Where the tensorflow-datasets builder writes the prepared dataset; '' puts it
+  # under <data_dir>/.prepared (one prepared copy per folder).
+  config.data.prepared_dir = ''
+  config.data.image_size = (96, 128)  # (height, width) fed to the model
+  # Splits by a stable hash of a group key: 'recording' (first three digits of
+  # the frame name; CARLA recordings) or 'name' (each frame on its own).
+  config.data.split_key = 'recording'
+  config.data.validation_fraction = 0.15
+  config.data.test_fraction = 0.15
+  config.data.skip_bad_pairs = False  # True: warn once and skip unreadable pairs
+  # Keep the preprocessed split on the devices and form batches there:
+  # 'auto' (if it fits in device_cache_max_mb), 'always' or 'never'.
+  config.data.device_cache = 'auto'
+  config.data.device_cache_max_mb = 1024
+  config.data.prefetch_batches = 2  # streaming mode only
+  config.data.num_workers = 0  # streaming mode: grain worker processes
+  # Augmentation (training only).
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.horizontal_flip = False
+  config.data.augment.scale_range = (1.0, 1.0)  # random scale-and-crop; (1, 1) is off
+  config.data.augment.brightness = 0.0  # colour jitter amplitudes; 0 is off
+  config.data.augment.contrast = 0.0
+  config.data.augment.saturation = 0.0
+
+  # ---- optimisation (unet_jax.train) ----
+  config.batch_size = 32  # global, over all devices and processes
+  config.num_epochs = 40
+  config.optimizer = 'adam'  # 'adam' or 'adamw' or 'sgd'
+  config.learning_rate = 1e-3
+  config.lr_schedule = 'constant'  # 'constant' or 'cosine'
+  config.warmup_epochs = 0.0
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 0.0  # 0 is off
+  config.momentum = 0.9  # sgd only
+  # Loss: softmax cross-entropy on integer labels over valid pixels.
+  config.ignore_label = -1  # pixels with this label are left out; -1: none
+  config.class_weighting = 'none'  # 'none', 'inverse' or 'median' frequency
+  config.class_weight_max = 10.0  # cap on a single class weight
+
+  # ---- loop ----
+  config.log_every_steps = 10
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 100
+  config.max_to_keep = 3
+  config.eval_split = 'validation'
+
+  # ---- multi-host (unet_jax.distributed) ----
+  # Start-up through jax.distributed.initialize: 'auto' when the environment
+  # names a cluster (SLURM, TPU pod, JAX_COORDINATOR_ADDRESS), 'off', or 'on'.
+  config.distributed = 'auto'
+
+  if arg == 'smoke':
+    config.data.image_size = (32, 32)
+    config.model.base_filters = 4
+    config.model.depth = 2
+    config.batch_size = 4
+    config.num_epochs = 1
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; known: smoke')
+  return config

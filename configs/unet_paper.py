@@ -1,0 +1,31 @@
+r"""The U-Net paper's setting (Ronneberger et al., 2015): 64 base filters,
+unpadded (VALID) convolutions, 572x572 input tiles giving 388x388 logits.
+
+    python -m unet_jax.main --config=configs/unet_paper.py --workdir=runs/paper \
+        --config.data.data_dir=/path/to/carla
+
+The labels are centre-cropped to the 388x388 output. This is a GPU setting:
+31M parameters and about 2 TFLOP per trained 572x572 tile.
+"""
+
+from configs import carla
+
+
+def get_config(arg: str | None = None):
+  config = carla.get_config()
+  config.model.base_filters = 64
+  config.model.padding = 'VALID'
+  config.model.dropout_rate = 0.0
+  config.model.dropout_blocks = 0
+  config.data.image_size = (572, 572)
+  config.batch_size = 8
+  config.learning_rate = 1e-4
+  config.model.dtype = 'bfloat16'
+  if arg == 'smoke':
+    config.data.image_size = (188, 188)
+    config.model.base_filters = 4
+    config.batch_size = 2
+    config.num_epochs = 1
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; known: smoke')
+  return config

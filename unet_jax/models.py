@@ -1,0 +1,233 @@
+"""The U-Net of Ronneberger et al. (2015) as a Flax linen module.
+
+Contracting path: `depth` blocks of two 3x3 convolutions + ReLU, then 2x2 max
+pooling; channels start at `base_filters` and double every block. Bottleneck:
+two 3x3 convolutions with the channels doubled once more. Expanding path: a
+2x2 stride-2 up-convolution halving the channels, concatenation with the
+(centre-cropped) skip features, two 3x3 convolutions. A 1x1 convolution gives
+one logit per class.
+
+The module takes no config and does no I/O; `unet_from_config` maps a config
+onto it. Size arithmetic (`output_size`, `smallest_input_for_output`,
+`check_input_size`) is exposed so that data and prediction code can use it.
+"""
+
+from collections.abc import Sequence
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+# --------------------------------------------------------------------------
+# Size arithmetic.
+
+
+def _output_length(length: int, depth: int, padding: str) -> int | None:
+  """Output length along one axis, or None where the length is invalid."""
+  if length <= 0:
+    return None
+  if padding == 'SAME':
+    return length if length % (2**depth) == 0 else None
+  # VALID: each 3x3 convolution removes a one-pixel border.
+  for _ in range(depth):
+    length -= 4
+    if length <= 0 or length % 2:
+      return None
+    length //= 2
+  length -= 4  # bottleneck
+  if length <= 0:
+    return None
+  for _ in range(depth):
+    length = 2 * length - 4
+  return length if length > 0 else None
+
+
+def _nearest_valid_lengths(length: int, depth: int, padding: str) -> tuple[int | None, int | None]:
+  below = next((n for n in range(length - 1, 0, -1) if _output_length(n, depth, padding)), None)
+  above = next(n for n in range(length + 1, length + 2**(depth + 3) + 200)
+               if _output_length(n, depth, padding))
+  return below, above
+
+
+def check_input_size(size: Sequence[int], depth: int = 4, padding: str = 'SAME') -> None:
+  """Raises ValueError naming the size and the nearest valid sizes."""
+  if padding not in ('SAME', 'VALID'):
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+  bad = []
+  for axis, length in zip(('height', 'width'), size):
+    if _output_length(int(length), depth, padding) is None:
+      below, above = _nearest_valid_lengths(int(length), depth, padding)
+      nearest = ' or '.join(str(n) for n in (below, above) if n)
+      bad.append(f'{axis} {length} (nearest valid: {nearest})')
+  if bad:
+    rule = (f'a multiple of 2**depth = {2**depth}' if padding == 'SAME' else
+            'a size whose feature maps stay even before every pooling')
+    raise ValueError(
+        f'U-Net (depth={depth}, padding={padding}) cannot take an input of size '
+        f'{tuple(size)}: {"; ".join(bad)}. Each side must be {rule}.')
+
+
+def output_size(size: Sequence[int], depth: int = 4, padding: str = 'SAME') -> tuple[int, ...]:
+  """Spatial size of the logits for an input of spatial `size`."""
+  check_input_size(size, depth, padding)
+  return tuple(_output_length(int(n), depth, padding) for n in size)
+
+
+def smallest_input_for_output(size: Sequence[int], depth: int = 4,
+                              padding: str = 'SAME') -> tuple[int, ...]:
+  """Smallest valid input whose output covers at least `size` on each side."""
+  result = []
+  for wanted in size:
+    n = 1
+    while (_output_length(n, depth, padding) or 0) < wanted:
+      n += 1
+    result.append(n)
+  return tuple(result)
+
+
+def center_crop(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Crops the centre `height` x `width` window of an NHWC array."""
+  top = (x.shape[1] - height) // 2
+  left = (x.shape[2] - width) // 2
+  return x[:, top:top + height, left:left + width, :]
+
+
+# --------------------------------------------------------------------------
+# Layers.
+
+
+class UpConv2x2(nn.Module):
+  """2x2 stride-2 transposed convolution as one matrix product + depth-to-space.
+
+  Each input pixel contributes a disjoint 2x2 output patch, so the layer is a
+  per-pixel (C_in -> 4*C_out) matrix product followed by a rearrangement. It
+  computes the same function as `nn.ConvTranspose(features, (2, 2), (2, 2))`
+  with the same `kernel` of shape (2, 2, C_in, C_out) (tested), but lowers to
+  a plain dot instead of a dilated convolution, which is much faster on CPU.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                         (2, 2, in_features, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    batch, height, width, _ = x.shape
+    # nn.ConvTranspose (transpose_kernel=False) places kernel[1-a, 1-b] at
+    # output offset (a, b); flipping keeps the two parameter layouts equal.
+    y = jnp.einsum('nhwc,abco->nhawbo', x, kernel[::-1, ::-1])
+    y = y.reshape(batch, 2 * height, 2 * width, self.features)
+    return y + bias
+
+
+class ConvBlock(nn.Module):
+  """Two 3x3 convolutions, each followed by (optional batch norm and) ReLU."""
+  features: int
+  padding: str
+  use_batch_norm: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    for i in range(2):
+      x = nn.Conv(self.features, (3, 3), padding=self.padding, dtype=self.dtype,
+                  kernel_init=nn.initializers.he_normal(), name=f'conv{i}')(x)
+      if self.use_batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f'bn{i}')(x)
+      x = nn.relu(x)
+    return x
+
+
+class UNet(nn.Module):
+  """U-Net for semantic segmentation; NHWC input, NHWC logits (float32).
+
+  Attributes:
+    num_classes: logits per pixel.
+    base_filters: channels of the first block; doubled every block.
+    depth: number of pooling steps (contracting blocks).
+    padding: 'SAME' (output size = input size) or 'VALID' (the paper).
+    dropout_rate: dropout applied after the `dropout_blocks` deepest blocks
+      (counting the bottleneck as the deepest), before pooling.
+    dropout_blocks: how many of the deepest blocks get dropout.
+    use_batch_norm: batch norm after every 3x3 convolution.
+    upconv_kernel_size: 2 (the paper) or 3 (a 3x3 stride-2 transposed
+      convolution with SAME padding, as in the CARLA lab network).
+    head_filters: if > 0, one more 3x3 convolution + ReLU with this many
+      channels before the 1x1 classifier (the CARLA lab network: 32).
+    dtype: computation dtype; parameters stay float32.
+  """
+  num_classes: int = 23
+  base_filters: int = 64
+  depth: int = 4
+  padding: str = 'SAME'
+  dropout_rate: float = 0.0
+  dropout_blocks: int = 0
+  use_batch_norm: bool = False
+  upconv_kernel_size: int = 2
+  head_filters: int = 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    check_input_size(x.shape[1:3], self.depth, self.padding)
+    if self.upconv_kernel_size not in (2, 3):
+      raise ValueError(f'upconv_kernel_size must be 2 or 3, got {self.upconv_kernel_size}')
+    if self.upconv_kernel_size == 3 and self.padding != 'SAME':
+      raise ValueError('upconv_kernel_size=3 is only defined with SAME padding')
+    block = functools.partial(ConvBlock, padding=self.padding,
+                              use_batch_norm=self.use_batch_norm, dtype=self.dtype)
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    first_dropout_level = self.depth + 1 - self.dropout_blocks  # level depth = bottleneck
+
+    x = x.astype(self.dtype)
+    skips = []
+    for level in range(self.depth):
+      x = block(self.base_filters * 2**level, name=f'down{level}')(x, train=train)
+      if self.dropout_rate and level >= first_dropout_level:
+        x = dropout(x)
+      skips.append(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    x = block(self.base_filters * 2**self.depth, name='bottleneck')(x, train=train)
+    if self.dropout_rate and self.depth >= first_dropout_level:
+      x = dropout(x)
+
+    for level in reversed(range(self.depth)):
+      features = self.base_filters * 2**level
+      if self.upconv_kernel_size == 2:
+        x = UpConv2x2(features, dtype=self.dtype, name=f'upconv{level}')(x)
+      else:
+        x = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME',
+                             dtype=self.dtype, name=f'upconv{level}')(x)
+      skip = center_crop(skips[level], x.shape[1], x.shape[2])
+      x = jnp.concatenate([x, skip], axis=-1)
+      x = block(features, name=f'up{level}')(x, train=train)
+
+    if self.head_filters:
+      x = nn.relu(nn.Conv(self.head_filters, (3, 3), padding=self.padding, dtype=self.dtype,
+                          kernel_init=nn.initializers.he_normal(), name='head')(x))
+    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+    return x.astype(jnp.float32)
+
+
+def unet_from_config(model_config) -> UNet:
+  """Builds the UNet from a config's `model` section."""
+  return UNet(
+      num_classes=model_config.num_classes,
+      base_filters=model_config.base_filters,
+      depth=model_config.depth,
+      padding=model_config.padding,
+      dropout_rate=model_config.dropout_rate,
+      dropout_blocks=model_config.dropout_blocks,
+      use_batch_norm=model_config.use_batch_norm,
+      upconv_kernel_size=model_config.upconv_kernel_size,
+      head_filters=model_config.head_filters,
+      dtype=jnp.dtype(model_config.dtype),
+  )
