@@ -1,0 +1,235 @@
+"""The on-disk CARLA format: listing, decoding, validating and writing pairs.
+
+A dataset folder holds `CameraRGB/<name>.png` and `CameraMask/<name>.png`,
+matched by file name. The mask is not a picture: channel 0 holds the class
+index and channels 1 and 2 are zero (RGBA, alpha 255, as CARLA writes it).
+Every problem is a `BadDataError` (a `ValueError`) whose message names the
+file and what is wrong with it.
+"""
+
+from collections.abc import Sequence
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import os
+import pathlib
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from unet_jax import classes
+
+IMAGE_DIR = 'CameraRGB'
+MASK_DIR = 'CameraMask'
+# CARLA frames are 0.3 megapixels; anything beyond this is almost certainly a
+# decompression bomb (a tiny file that would expand to gigabytes).
+MAX_PIXELS = 50_000_000
+
+PathLike = str | os.PathLike
+
+
+class BadDataError(ValueError):
+  """A dataset file is missing, unreadable or inconsistent with its partner."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  name: str  # file stem, e.g. '002128'
+  image_path: pathlib.Path
+  mask_path: pathlib.Path
+
+
+def _files(folder: pathlib.Path) -> tuple[dict[str, pathlib.Path], list[pathlib.Path]]:
+  """Splits the visible files of `folder` into {stem: path} of .png files and the rest."""
+  files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith('.')]
+  pngs = {p.stem: p for p in files if p.suffix.lower() == '.png'}
+  return pngs, [p for p in files if p.suffix.lower() != '.png']
+
+
+def list_pairs(data_dir: PathLike) -> tuple[list[Pair], list[str]]:
+  """Lists matched pairs by name, and one problem line per file without a partner.
+
+  Raises BadDataError when the folder or one of its two subfolders is missing
+  or holds no files at all: there is nothing to skip to in that case.
+  """
+  data_dir = pathlib.Path(data_dir)
+  for sub in (IMAGE_DIR, MASK_DIR):
+    if not (data_dir / sub).is_dir():
+      raise BadDataError(
+          f'{data_dir / sub}: missing folder; a CARLA dataset folder holds '
+          f'{IMAGE_DIR}/<name>.png and {MASK_DIR}/<name>.png')
+  images, other_images = _files(data_dir / IMAGE_DIR)
+  masks, other_masks = _files(data_dir / MASK_DIR)
+  if not images and not masks:
+    raise BadDataError(f'{data_dir}: empty dataset folder, no .png files in {IMAGE_DIR}/ or {MASK_DIR}/')
+  problems = [f'{path}: not a .png image file' for path in other_images + other_masks]
+  for stem in sorted(images.keys() - masks.keys()):
+    problems.append(f'{images[stem]}: image without a mask ({MASK_DIR}/{images[stem].name} is missing)')
+  for stem in sorted(masks.keys() - images.keys()):
+    problems.append(f'{masks[stem]}: mask without an image ({IMAGE_DIR}/{masks[stem].name} is missing)')
+  pairs = [Pair(stem, images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())]
+  return pairs, problems
+
+
+def _open_png(data: bytes, path: PathLike) -> Image.Image:
+  """Opens and fully decodes PNG bytes, turning every failure into BadDataError."""
+  if not data:
+    raise BadDataError(f'{path}: empty file')
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(data))
+      if image.format != 'PNG':
+        raise BadDataError(f'{path}: not a PNG file (found {image.format})')
+      width, height = image.size
+      if width * height > MAX_PIXELS:
+        raise BadDataError(
+            f'{path}: image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} '
+            '(possible decompression bomb)')
+      image.load()
+  except BadDataError:
+    raise
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise BadDataError(f'{path}: image too large, possible decompression bomb ({e})') from e
+  except Image.UnidentifiedImageError as e:
+    raise BadDataError(f'{path}: not an image file (unreadable as PNG)') from e
+  except (OSError, SyntaxError, ValueError) as e:
+    # PIL reports truncated or corrupt streams as OSError/SyntaxError.
+    raise BadDataError(f'{path}: corrupt or truncated PNG ({e})') from e
+  return image
+
+
+def _read_bytes(path: PathLike) -> bytes:
+  try:
+    return pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise BadDataError(f'{path}: cannot read file ({e.strerror})') from e
+
+
+def decode_image(data: bytes, path: PathLike = '<bytes>') -> np.ndarray:
+  """PNG bytes -> uint8 [H, W, 3]; grayscale, palette, RGB and RGBA are accepted."""
+  image = _open_png(data, path)
+  return np.asarray(image.convert('RGB'), dtype=np.uint8)
+
+
+def decode_mask(data: bytes, path: PathLike = '<bytes>',
+                num_classes: int = classes.NUM_CLASSES) -> np.ndarray:
+  """PNG bytes -> uint8 [H, W] class indices (channel 0), checked < num_classes."""
+  image = _open_png(data, path)
+  array = np.asarray(image)
+  if array.ndim == 3:
+    array = array[..., 0]
+  elif image.mode not in ('L', 'P', 'I', 'I;16'):
+    raise BadDataError(f'{path}: unsupported mask mode {image.mode}')
+  top = int(array.max()) if array.size else 0
+  if top >= num_classes:
+    raise BadDataError(
+        f'{path}: mask value {top} is not a class index (classes are 0..{num_classes - 1})')
+  return array.astype(np.uint8)
+
+
+def read_image(path: PathLike) -> np.ndarray:
+  return decode_image(_read_bytes(path), path)
+
+
+def read_mask(path: PathLike, num_classes: int = classes.NUM_CLASSES) -> np.ndarray:
+  return decode_mask(_read_bytes(path), path, num_classes)
+
+
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+  """uint8 [H, W] or [H, W, C] -> PNG bytes (fast compression: files are rewritten often)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
+      buffer, format='PNG', compress_level=compress_level)
+  return buffer.getvalue()
+
+
+def mask_to_carla_rgba(mask: np.ndarray) -> np.ndarray:
+  """uint8 [H, W] indices -> uint8 [H, W, 4]: index in channel 0, alpha 255."""
+  rgba = np.zeros(mask.shape + (4,), np.uint8)
+  rgba[..., 0] = mask
+  rgba[..., 3] = 255
+  return rgba
+
+
+def write_mask(path: PathLike, mask: np.ndarray) -> None:
+  """Writes class indices [H, W] as a CARLA mask PNG; `read_mask` reads it back."""
+  mask = np.asarray(mask)
+  if mask.ndim != 2 or mask.size and (mask.min() < 0 or mask.max() > 255):
+    raise ValueError(f'{path}: a mask must be [H, W] indices in 0..255, got shape {mask.shape}')
+  pathlib.Path(path).write_bytes(encode_png(mask_to_carla_rgba(mask.astype(np.uint8))))
+
+
+def write_image(path: PathLike, image: np.ndarray) -> None:
+  """Writes uint8 [H, W, 3] as an RGBA PNG with opaque alpha, like CARLA's camera."""
+  alpha = np.full(image.shape[:2] + (1,), 255, np.uint8)
+  pathlib.Path(path).write_bytes(encode_png(np.concatenate([image, alpha], axis=-1)))
+
+
+def read_pair(pair: Pair, num_classes: int = classes.NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a pair and checks that image and mask have the same size."""
+  image = read_image(pair.image_path)
+  mask = read_mask(pair.mask_path, num_classes)
+  if image.shape[:2] != mask.shape:
+    raise BadDataError(
+        f'{pair.image_path}: image is {image.shape[1]}x{image.shape[0]} but its mask '
+        f'{pair.mask_path} is {mask.shape[1]}x{mask.shape[0]} (width x height)')
+  return image, mask
+
+
+def _check_pair(pair: Pair, num_classes: int) -> str | None:
+  try:
+    read_pair(pair, num_classes)
+  except BadDataError as e:
+    return str(e)
+  return None
+
+
+def validate_pairs(data_dir: PathLike, num_classes: int = classes.NUM_CLASSES,
+                   skip_bad_pairs: bool = False) -> list[Pair]:
+  """Lists and fully decodes every pair; returns the good ones.
+
+  With skip_bad_pairs=False any problem raises one BadDataError listing every
+  bad file; with True the bad pairs are dropped with one warning listing them.
+  Either way an empty result is an error.
+  """
+  pairs, problems = list_pairs(data_dir)
+  # PNG decoding releases the GIL, so threads use every core.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    results = list(pool.map(lambda p: _check_pair(p, num_classes), pairs))
+  good = [pair for pair, problem in zip(pairs, results) if problem is None]
+  problems += [problem for problem in results if problem is not None]
+  if problems and not skip_bad_pairs:
+    raise BadDataError(
+        f'{len(problems)} bad file(s) in {data_dir} (set config.data.skip_bad_pairs=True to '
+        'skip them):\n  ' + '\n  '.join(problems))
+  if problems:
+    warnings.warn(
+        f'skipping {len(problems)} bad pair(s) in {data_dir}:\n  ' + '\n  '.join(problems),
+        stacklevel=2)
+  if not good:
+    raise BadDataError(f'{data_dir}: no valid image/mask pairs')
+  return good
+
+
+def fingerprint(data_dir: PathLike) -> str:
+  """A hash of the names and sizes of the folder's files; changes when frames change."""
+  data_dir = pathlib.Path(data_dir)
+  digest = hashlib.sha256()
+  for sub in (IMAGE_DIR, MASK_DIR):
+    folder = data_dir / sub
+    if folder.is_dir():
+      for path in sorted(folder.iterdir()):
+        if path.is_file():
+          digest.update(f'{sub}/{path.name}:{path.stat().st_size}\n'.encode())
+  return digest.hexdigest()
+
+
+def class_pixel_counts(masks: Sequence[np.ndarray], num_classes: int = classes.NUM_CLASSES) -> np.ndarray:
+  """int64 [num_classes] pixel counts over a sequence of index masks."""
+  counts = np.zeros(num_classes, np.int64)
+  for mask in masks:
+    counts += np.bincount(np.asarray(mask).ravel(), minlength=num_classes)[:num_classes]
+  return counts
