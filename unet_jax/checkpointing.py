@@ -1,0 +1,173 @@
+"""Orbax checkpoints and the workdir's saved config.
+
+A workdir holds `config.json` (the resolved config of the run) and
+`checkpoints/<step>/`. Checkpoints are written asynchronously and atomically
+(Orbax writes to a temporary folder and renames it when complete, so a
+process killed mid-write leaves nothing that `latest_step` would pick), with
+the `max_to_keep` latest and the best by validation mean IoU preserved. They
+hold arrays only (no pickle).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+# Below this much free space a run would fail at its first checkpoint, not now.
+MIN_FREE_BYTES = 256 * 2**20
+
+
+class WorkdirError(ValueError):
+  pass
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails now, not after an hour, if the workdir cannot take checkpoints."""
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
+      pass
+  except OSError as error:
+    raise WorkdirError(f'workdir {workdir} is not writable: {error}') from error
+  free = shutil.disk_usage(path).free
+  if free < MIN_FREE_BYTES:
+    raise WorkdirError(f'workdir {workdir} has only {free / 2**20:.0f} MiB free; checkpoints '
+                       f'need at least {MIN_FREE_BYTES / 2**20:.0f} MiB')
+
+
+def create_manager(workdir: str, config) -> ocp.CheckpointManager:
+  preservation = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(config.max_to_keep),
+      checkpoint_managers.BestN(get_metric_fn=lambda m: m['mean_iou'], n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
+                               options=options)
+
+
+def _arrays(state) -> dict:
+  return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
+          'batch_stats': state.batch_stats}
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, mean_iou: float | None = None):
+  """Saves asynchronously; a step already saved is left as it is."""
+  if step in manager.all_steps():
+    return
+  metrics = None if mean_iou is None else {'mean_iou': float(mean_iou)}
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state))),
+               metrics=metrics)
+
+
+def _restore_arrays(manager, step: int, template: dict) -> dict:
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))['state']
+
+
+def restore_or_keep(manager: ocp.CheckpointManager, state, config, workdir: str):
+  """The latest checkpoint restored into `state`'s structure, or `state` itself."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  saved = load_config(workdir) if (pathlib.Path(workdir) / CONFIG_FILE).exists() else None
+  if saved is not None:
+    check_same_model(saved, config, workdir)
+  try:
+    arrays = _restore_arrays(manager, step, _arrays(state))
+  except (ValueError, KeyError, TypeError) as error:
+    raise WorkdirError(f'checkpoint {step} in {workdir} does not match the model of this '
+                       f'config: {error}') from error
+  return state.replace(step=arrays['step'], params=arrays['params'],
+                       opt_state=arrays['opt_state'], batch_stats=arrays['batch_stats'])
+
+
+def check_same_model(saved, config, workdir: str) -> None:
+  differences = [f'model.{key}: checkpoint {saved.model.get(key)!r}, config {value!r}'
+                 for key, value in config.model.items() if saved.model.get(key) != value]
+  if tuple(saved.data.image_size) != tuple(config.data.image_size):
+    differences.append(f'data.image_size: checkpoint {tuple(saved.data.image_size)}, '
+                       f'config {tuple(config.data.image_size)}')
+  if differences:
+    raise WorkdirError(f'{workdir} holds checkpoints of a different model; nothing was '
+                       f'changed. Use a new workdir or the same model settings. '
+                       f'Differences: {"; ".join(differences)}')
+
+
+def save_config(workdir: str, config) -> None:
+  if jax.process_index() != 0:
+    return
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  temporary = path.with_suffix('.json.tmp')
+  temporary.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(temporary, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise WorkdirError(f'{path} does not exist: {workdir} is not a training workdir')
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise WorkdirError(f'{path} is not valid JSON: {error}') from error
+  config = ml_collections.ConfigDict(values)
+  config.data.image_size = tuple(config.data.image_size)
+  return config
+
+
+def select_step(manager: ocp.CheckpointManager, checkpoint: str, workdir: str) -> int:
+  """'latest', 'best' or a step number -> a saved step."""
+  steps = manager.all_steps()
+  if not steps:
+    raise WorkdirError(f'{workdir} holds no checkpoint')
+  if checkpoint == 'latest':
+    return manager.latest_step()
+  if checkpoint == 'best':
+    best = manager.best_step()
+    return best if best is not None else manager.latest_step()
+  try:
+    step = int(checkpoint)
+  except ValueError:
+    raise WorkdirError(f"checkpoint must be 'best', 'latest' or a step, got {checkpoint!r}")
+  if step not in steps:
+    raise WorkdirError(f'{workdir} has no checkpoint at step {step}; saved steps: {list(steps)}')
+  return step
+
+
+def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
+  """Model variables of a workdir's checkpoint, for evaluation and prediction.
+
+  Returns (config, variables, step); `variables` holds 'params' (and
+  'batch_stats' with batch norm), placed with `sharding` if given.
+  """
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  from unet_jax import models  # pylint: disable=g-import-not-at-top
+  config = load_config(workdir)
+  manager = create_manager(workdir, config)
+  step = select_step(manager, checkpoint, workdir)
+  model = models.unet_from_config(config.model)
+  learning_rate_fn = train.create_learning_rate_fn(config, 1)
+  template = jax.eval_shape(lambda: train.create_train_state(
+      config, model, learning_rate_fn, jax.random.key(0)))
+  template = _arrays(template)
+  if sharding is not None:
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            template)
+  arrays = _restore_arrays(manager, step, template)
+  manager.close()
+  variables = {'params': arrays['params']}
+  if arrays['batch_stats'] is not None:
+    variables['batch_stats'] = arrays['batch_stats']
+  return config, variables, step

@@ -1,0 +1,45 @@
+"""Checks a config before anything starts, naming the field that is wrong."""
+
+from unet_jax import models
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def check_config(config, num_devices: int) -> None:
+  problems = []
+
+  def require(condition: bool, message: str):
+    if not condition:
+      problems.append(message)
+
+  require(config.learning_rate > 0, f'learning_rate must be > 0, got {config.learning_rate}')
+  require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
+  if config.batch_size > 0:
+    require(config.batch_size % num_devices == 0,
+            f'batch_size {config.batch_size} is not divisible by the {num_devices} devices')
+  require(config.num_epochs > 0, f'num_epochs must be > 0, got {config.num_epochs}')
+  require(config.weight_decay >= 0, f'weight_decay must be >= 0, got {config.weight_decay}')
+  require(config.grad_clip_norm >= 0, f'grad_clip_norm must be >= 0, got {config.grad_clip_norm}')
+  require(config.warmup_epochs >= 0, f'warmup_epochs must be >= 0, got {config.warmup_epochs}')
+  for name in ('log_every_steps', 'checkpoint_every_steps', 'eval_every_epochs', 'max_to_keep'):
+    require(config[name] >= 1, f'{name} must be >= 1, got {config[name]}')
+  require(2 <= config.model.num_classes <= 256,
+          f'model.num_classes must be in [2, 256] (masks are uint8), got {config.model.num_classes}')
+  require(config.model.base_filters >= 1,
+          f'model.base_filters must be >= 1, got {config.model.base_filters}')
+  require(config.model.depth >= 1, f'model.depth must be >= 1, got {config.model.depth}')
+  require(0 <= config.model.dropout_rate < 1,
+          f'model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}')
+  require(config.model.dtype in ('float32', 'bfloat16', 'float16'),
+          f"model.dtype must be 'float32', 'bfloat16' or 'float16', got {config.model.dtype!r}")
+  require(config.eval_split in ('validation', 'test', 'train'),
+          f"eval_split must be 'validation', 'test' or 'train', got {config.eval_split!r}")
+  if config.model.depth >= 1:
+    try:
+      models.check_input_size(config.data.image_size, config.model.depth, config.model.padding)
+    except ValueError as error:
+      problems.append(f'data.image_size: {error}')
+  if problems:
+    raise ConfigError('invalid config: ' + '; '.join(problems))

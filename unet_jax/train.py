@@ -1,0 +1,418 @@
+"""Training and evaluation: the state, the pure steps, and the loop.
+
+`train_step(state, batch, dropout_key)` and `eval_step(variables, batch)` are
+pure functions, compiled once with `jax.jit` over batches sharded along the
+'data' axis of a mesh over every device (parameters replicated, the state
+donated). `train_and_evaluate(config, workdir)` is the loop around them.
+"""
+
+import functools
+import math
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from unet_jax import checkpointing
+from unet_jax import classes
+from unet_jax import config_checks
+from unet_jax import input_pipeline
+from unet_jax import metric_logging
+from unet_jax import metrics as metrics_lib
+from unet_jax import models
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --------------------------------------------------------------------------
+# Mesh and shardings.
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A one-axis mesh over every device of every process."""
+  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+
+
+def replicated(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def data_sharded(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+
+# --------------------------------------------------------------------------
+# Optimizer and loss.
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+  total_steps = max(1, int(config.num_epochs * steps_per_epoch))
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if config.lr_schedule == 'constant':
+    after_warmup = optax.constant_schedule(config.learning_rate)
+  elif config.lr_schedule == 'cosine':
+    after_warmup = optax.cosine_decay_schedule(config.learning_rate,
+                                               max(1, total_steps - warmup_steps))
+  else:
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+  if not warmup_steps:
+    return after_warmup
+  warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, after_warmup], [warmup_steps])
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  if config.optimizer == 'adam':
+    optimizer = optax.adam(learning_rate_fn)
+    if config.weight_decay:
+      optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay), optimizer)
+  elif config.optimizer == 'adamw':
+    optimizer = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay)
+  elif config.optimizer == 'sgd':
+    optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                            optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=True))
+  else:
+    raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}")
+  if config.grad_clip_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def class_weights_from_counts(pixel_counts: np.ndarray, method: str,
+                              max_weight: float) -> np.ndarray | None:
+  """Per-class loss weights from training pixel counts; None for 'none'.
+
+  'inverse': total / (classes present * count), so a uniform distribution
+  gives 1 everywhere; 'median': median frequency / frequency (Eigen & Fergus).
+  Absent classes get weight 1 (they never occur in a label), and no weight
+  exceeds `max_weight`, so that a class of a handful of pixels cannot
+  dominate the loss.
+  """
+  if method == 'none':
+    return None
+  counts = np.asarray(pixel_counts, np.float64)
+  present = counts > 0
+  frequency = counts / counts.sum()
+  if method == 'inverse':
+    weights = np.where(present, 1.0 / (present.sum() * np.maximum(frequency, 1e-12)), 1.0)
+  elif method == 'median':
+    weights = np.where(present, np.median(frequency[present]) / np.maximum(frequency, 1e-12), 1.0)
+  else:
+    raise ValueError(f"class_weighting must be 'none', 'inverse' or 'median', got {method!r}")
+  return np.minimum(weights, max_weight).astype(np.float32)
+
+
+def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, class_weights=None):
+  """Softmax cross-entropy averaged over valid pixels.
+
+  Returns (sum of weighted per-pixel losses, sum of weights); the mean is
+  their ratio. Pixels labelled `ignore_label`, outside [0, num_classes), or
+  in an example with valid=False weigh nothing. With class weights the mean
+  is the weighted mean sum(w * loss) / sum(w).
+  """
+  num_classes = logits.shape[-1]
+  in_range = (labels >= 0) & (labels < num_classes) & (labels != ignore_label)
+  if valid is not None:
+    in_range &= valid.reshape(valid.shape + (1,) * (labels.ndim - valid.ndim))
+  safe_labels = jnp.where(in_range, labels, 0)
+  per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                              safe_labels)
+  weights = in_range.astype(jnp.float32)
+  if class_weights is not None:
+    weights = weights * jnp.asarray(class_weights)[safe_labels]
+  return jnp.sum(per_pixel * weights), jnp.sum(weights)
+
+
+# --------------------------------------------------------------------------
+# State and steps.
+
+
+def create_train_state(config, model: models.UNet, learning_rate_fn, key) -> TrainState:
+  """Fresh parameters and optimizer state (on the default device)."""
+  height, width = config.data.image_size
+  variables = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           tx=create_optimizer(config, learning_rate_fn),
+                           batch_stats=variables.get('batch_stats'))
+
+
+def model_variables(state: TrainState) -> dict:
+  variables = {'params': state.params}
+  if state.batch_stats is not None:
+    variables['batch_stats'] = state.batch_stats
+  return variables
+
+
+def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int,
+               class_weights, learning_rate_fn):
+  """One optimisation step; returns the new state and summable metrics."""
+  key = jax.random.fold_in(dropout_key, state.step)
+  labels = batch['label']
+
+  def loss_fn(params):
+    variables = {'params': params}
+    mutable = []
+    if state.batch_stats is not None:
+      variables['batch_stats'] = state.batch_stats
+      mutable = ['batch_stats']
+    logits, updates = state.apply_fn(variables, batch['image'], train=True,
+                                     rngs={'dropout': key}, mutable=mutable)
+    loss_sum, weight_sum = segmentation_loss(logits, labels, valid=batch['valid'],
+                                             ignore_label=ignore_label,
+                                             class_weights=class_weights)
+    return loss_sum / jnp.maximum(weight_sum, 1e-12), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  if state.batch_stats is not None:
+    new_state = new_state.replace(batch_stats=updates['batch_stats'])
+
+  num_classes = logits.shape[-1]
+  counted = (labels >= 0) & (labels < num_classes) & (labels != ignore_label)
+  counted &= batch['valid'][:, None, None]
+  correct = (jnp.argmax(logits, -1) == labels) & counted
+  metrics = {
+      'loss': loss,
+      'correct_pixels': jnp.sum(correct, dtype=jnp.float32),
+      'labelled_pixels': jnp.sum(counted, dtype=jnp.float32),
+      'grad_norm': optax.global_norm(grads),
+      'learning_rate': learning_rate_fn(state.step),
+  }
+  return new_state, metrics
+
+
+def eval_step(variables: dict, batch: dict, *, apply_fn, num_classes: int, ignore_label: int):
+  """The int32 confusion matrix of one batch and its summed loss."""
+  logits = apply_fn(variables, batch['image'], train=False)
+  labels = batch['label']
+  weights = batch['valid'][:, None, None] & (labels != ignore_label)
+  confusion = metrics_lib.confusion_matrix(labels, jnp.argmax(logits, -1), num_classes, weights)
+  loss_sum, weight_sum = segmentation_loss(logits, labels, valid=batch['valid'],
+                                           ignore_label=ignore_label)
+  return confusion, loss_sum, weight_sum
+
+
+def compile_train_step(config, mesh, learning_rate_fn, class_weights):
+  step = functools.partial(train_step, ignore_label=config.ignore_label,
+                           class_weights=class_weights, learning_rate_fn=learning_rate_fn)
+  return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
+def compile_eval_step(config, mesh, model):
+  step = functools.partial(eval_step, apply_fn=model.apply,
+                           num_classes=config.model.num_classes, ignore_label=config.ignore_label)
+  return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh)),
+                 out_shardings=replicated(mesh))
+
+
+def evaluate(eval_step_fn, variables, data) -> dict:
+  """Confusion matrix (int64, exact) and mean loss over a whole split."""
+  num_pixels = data.global_batch_size * math.prod(data.label_size)
+  flush_every = max(1, (2**31 - 1) // num_pixels)  # int32 counts on device never overflow
+  confusion = np.zeros((0, 0), np.int64)
+  pending, loss_sum, weight_sum = None, 0.0, 0.0
+  for i, batch in enumerate(data.eval_batches()):
+    batch_confusion, batch_loss, batch_weight = eval_step_fn(variables, batch)
+    pending = batch_confusion if pending is None else pending + batch_confusion
+    loss_sum += batch_loss
+    weight_sum += batch_weight
+    if (i + 1) % flush_every == 0:
+      confusion = _add(confusion, pending)
+      pending = None
+  if pending is not None:
+    confusion = _add(confusion, pending)
+  summary = metrics_lib.summarize(confusion)
+  summary['loss'] = float(loss_sum) / max(float(weight_sum), 1e-12)
+  summary['confusion_matrix'] = confusion
+  return summary
+
+
+def _add(total: np.ndarray, device_counts) -> np.ndarray:
+  counts = np.asarray(jax.device_get(device_counts), np.int64)
+  return counts if total.size == 0 else total + counts
+
+
+# --------------------------------------------------------------------------
+# The loop.
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _summarize_train(history: list[dict]) -> dict:
+  history = jax.device_get(history)
+  correct = sum(float(h['correct_pixels']) for h in history)
+  labelled = sum(float(h['labelled_pixels']) for h in history)
+  return {
+      'train_loss': float(np.mean([h['loss'] for h in history])),
+      'train_pixel_accuracy': correct / max(labelled, 1.0),
+      'grad_norm': float(np.mean([h['grad_norm'] for h in history])),
+      'learning_rate': float(history[-1]['learning_rate']),
+  }
+
+
+def _eval_scalars(split: str, summary: dict) -> dict:
+  scalars = {f'{split}_{k}': summary[k]
+             for k in ('loss', 'pixel_accuracy', 'mean_iou', 'mean_class_accuracy')}
+  for index, iou in enumerate(summary['per_class_iou']):
+    if not np.isnan(iou):
+      scalars[f'{split}_iou/{classes.class_name(index)}'] = float(iou)
+  return scalars
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict:
+  """Trains, evaluates every `eval_every_epochs`, checkpoints, resumes.
+
+  Args:
+    config: the run's hyper-parameters.
+    workdir: where the config, checkpoints, logs and metrics go.
+    stop_at_step: stop (with a checkpoint) once this global step is reached,
+      as a preemption would; the next call on the workdir resumes.
+
+  Returns:
+    The last evaluation's summary (see `metrics.summarize`) plus 'step'.
+  """
+  config_checks.check_config(config, num_devices=jax.device_count())
+  checkpointing.check_workdir(workdir)
+  mesh = create_mesh()
+  datasets = input_pipeline.create_datasets(config, mesh)
+  train_data = datasets['train']
+  eval_data = datasets[config.eval_split]
+  steps_per_epoch = train_data.steps_per_epoch
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  if steps_per_epoch == 0:
+    raise ValueError(f'the training split has {train_data.num_examples} examples, fewer than '
+                     f'one batch of {config.batch_size}')
+
+  model = models.unet_from_config(config.model)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+  state = jax.jit(functools.partial(create_train_state, config, model, learning_rate_fn),
+                  out_shardings=replicated(mesh))(init_key)
+
+  checkpoints = checkpointing.create_manager(workdir, config)
+  state = checkpointing.restore_or_keep(checkpoints, state, config, workdir)
+  checkpointing.save_config(workdir, config)
+  start_step = int(state.step)
+
+  class_weights = class_weights_from_counts(
+      train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
+  p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
+  p_eval_step = compile_eval_step(config, mesh, model)
+  dropout_key = jax.device_put(dropout_key, replicated(mesh))
+
+  writer = metric_logging.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                       resume_step=start_step)
+  if start_step:
+    logging.info('Resuming from step %d of %d.', start_step, total_steps)
+  last_eval: dict = {}
+  history: list[dict] = []
+  step = start_step
+  timer_start, timer_step = time.perf_counter(), step
+  with _StopRequest() as stop:
+    for epoch in range(start_step // steps_per_epoch, int(config.num_epochs)):
+      first = step - epoch * steps_per_epoch
+      progress = metric_logging.Progress(f'epoch {epoch + 1}/{config.num_epochs}',
+                                         total=steps_per_epoch, initial=first,
+                                         enabled=jax.process_index() == 0)
+      for batch in train_data.train_batches(epoch, first_step=first):
+        state, step_metrics = p_train_step(state, batch, dropout_key)
+        history.append(step_metrics)
+        step += 1
+        progress.update()
+        stopping = _should_stop(stop, step, stop_at_step, config)
+        # Log steps are the only host syncs; checkpoints and epoch ends are log
+        # steps too, so a non-finite loss is caught before any save.
+        if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
+            or step % steps_per_epoch == 0 or stopping):
+          scalars = _summarize_train(history)
+          history = []
+          if not math.isfinite(scalars['train_loss']):
+            raise NonFiniteLossError(
+                f'the training loss became {scalars["train_loss"]} by step {step}; the last '
+                f'checkpoint (step {checkpoints.latest_step()}) is kept as the latest.')
+          elapsed = time.perf_counter() - timer_start
+          scalars['steps_per_second'] = (step - timer_step) / max(elapsed, 1e-9)
+          scalars['images_per_second'] = scalars['steps_per_second'] * config.batch_size
+          scalars['epoch'] = step / steps_per_epoch
+          writer.write(step, scalars)
+          progress.set_postfix(loss=scalars['train_loss'],
+                               acc=scalars['train_pixel_accuracy'])
+          timer_start, timer_step = time.perf_counter(), step
+        if step % config.checkpoint_every_steps == 0 or stopping:
+          checkpointing.save(checkpoints, step, state)
+        if stopping:
+          progress.close()
+          checkpoints.wait_until_finished()
+          reason = stop.signal_name or f'stop_at_step={stop_at_step}'
+          logging.info('Stopped at step %d (%s); checkpoint saved.', step, reason)
+          writer.close()
+          return {**last_eval, 'step': step, 'stopped': True}
+      progress.close()
+
+      end_of_epoch = epoch + 1
+      if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
+        last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
+        writer.write(step, {**_eval_scalars(config.eval_split, last_eval), 'epoch': end_of_epoch})
+        checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
+        logging.info('epoch %d: %s pixel accuracy %.4f, mean IoU %.4f', end_of_epoch,
+                     config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
+
+  if not last_eval:  # a finished run started again: nothing trained, report only
+    last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
+  checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
+  checkpoints.wait_until_finished()
+  if jax.process_index() == 0:
+    logging.info('Final %s metrics at step %d:\n%s', config.eval_split, step,
+                 metric_logging.per_class_table(last_eval))
+  writer.close()
+  return {**last_eval, 'step': step}
+
+
+def _should_stop(stop: _StopRequest, step: int, stop_at_step: int | None, config) -> bool:
+  if stop_at_step is not None and step >= stop_at_step:
+    return True
+  if jax.process_count() == 1:
+    return stop.signal_name is not None
+  # Every process must take the same decision, so agree only at log steps.
+  if step % config.log_every_steps:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.int32(stop.signal_name is not None))
+  return bool(np.any(flags))
