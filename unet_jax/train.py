@@ -149,6 +149,12 @@ def create_train_state(config, model: models.UNet, learning_rate_fn, key) -> Tra
                            batch_stats=variables.get('batch_stats'))
 
 
+def create_replicated_train_state(config, model, learning_rate_fn, key, mesh) -> TrainState:
+  """The fresh state, created directly with its replicated sharding on `mesh`."""
+  create = functools.partial(create_train_state, config, model, learning_rate_fn)
+  return jax.jit(create, out_shardings=replicated(mesh))(key)
+
+
 def model_variables(state: TrainState) -> dict:
   variables = {'params': state.params}
   if state.batch_stats is not None:
@@ -323,8 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models.unet_from_config(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-  state = jax.jit(functools.partial(create_train_state, config, model, learning_rate_fn),
-                  out_shardings=replicated(mesh))(init_key)
+  state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh)
 
   checkpoints = checkpointing.create_manager(workdir, config)
   state = checkpointing.restore_or_keep(checkpoints, state, config, workdir)
