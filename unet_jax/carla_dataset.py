@@ -1,0 +1,199 @@
+"""A tensorflow-datasets builder for a CARLA-format folder, and its splits.
+
+The user's folder is the builder's manual directory. `prepare` validates
+every pair, writes ArrayRecord files under `<data_dir>/.prepared` (or
+`config.data.prepared_dir`) and returns the builder; `data_source` reads a
+split back with random access and no TensorFlow.
+
+Splits are assigned by a stable hash (sha256) of a group key: the recording
+block (first three characters of the name, the default) or the name itself.
+CARLA frames come from video, so a split by frame would leak near-identical
+neighbours into validation; and since a frame's split depends only on its
+own key, adding frames never moves existing ones.
+
+The builder config's name carries the split settings and a fingerprint of
+the folder (file names and sizes), so changed data or settings give a new
+prepared copy instead of a stale one.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import pathlib
+import shutil
+
+import tensorflow_datasets as tfds
+
+from unet_jax import carla_files
+from unet_jax import classes
+
+SPLIT_KEYS = ('recording', 'name')
+SPLITS = ('train', 'validation', 'test')
+
+
+def group_key(name: str, split_key: str) -> str:
+  if split_key == 'recording':
+    return name[:3]
+  if split_key == 'name':
+    return name
+  raise ValueError(f"split_key must be one of {SPLIT_KEYS}, got {split_key!r}")
+
+
+def split_of(name: str, split_key: str, validation_fraction: float, test_fraction: float) -> str:
+  """'train', 'validation' or 'test' for a frame name: a pure function of its group key."""
+  digest = hashlib.sha256(group_key(name, split_key).encode()).digest()
+  u = int.from_bytes(digest[:8], 'big') / 2.0**64  # uniform in [0, 1)
+  if u < test_fraction:
+    return 'test'
+  if u < test_fraction + validation_fraction:
+    return 'validation'
+  return 'train'
+
+
+def assign_splits(names, split_key: str, validation_fraction: float,
+                  test_fraction: float) -> dict[str, list[str]]:
+  """Names per split; a split whose fraction is 0 is absent, an empty one is an error."""
+  if min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
+    raise ValueError(f'validation_fraction={validation_fraction} and test_fraction={test_fraction} '
+                     'must be >= 0 and leave a positive fraction for training')
+  fractions = {'train': 1.0, 'validation': validation_fraction, 'test': test_fraction}
+  splits = {s: [] for s in SPLITS if fractions[s] > 0}
+  for name in names:
+    splits[split_of(name, split_key, validation_fraction, test_fraction)].append(name)
+  empty = [s for s, members in splits.items() if not members]
+  if empty:
+    groups = len({group_key(n, split_key) for n in names})
+    raise ValueError(
+        f'split(s) {", ".join(empty)} would be empty: {len(names)} frames fall into only {groups} '
+        f"group(s) by split_key={split_key!r}, and no group hashed into them. Use "
+        "config.data.split_key='name' to split frame by frame, change "
+        'config.data.validation_fraction / test_fraction (0 drops a split), or add recordings.')
+  return splits
+
+
+@dataclasses.dataclass
+class CarlaConfig(tfds.core.BuilderConfig):
+  split_key: str = 'recording'
+  validation_fraction: float = 0.15
+  test_fraction: float = 0.15
+  skip_bad_pairs: bool = False
+  num_classes: int = classes.NUM_CLASSES
+  content: str = ''  # carla_files.fingerprint of the folder
+
+
+def builder_config(data_dir, *, split_key='recording', validation_fraction=0.15,
+                   test_fraction=0.15, skip_bad_pairs=False,
+                   num_classes=classes.NUM_CLASSES) -> CarlaConfig:
+  content = carla_files.fingerprint(data_dir)
+  group_key('000000', split_key)  # validates split_key early
+  name = (f'{split_key}-val{validation_fraction:g}-test{test_fraction:g}'
+          f'{"-skipbad" if skip_bad_pairs else ""}-c{num_classes}-{content[:16]}')
+  return CarlaConfig(name=name, split_key=split_key, validation_fraction=validation_fraction,
+                     test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
+                     num_classes=num_classes, content=content)
+
+
+def _example(pair: carla_files.Pair, num_classes: int) -> tuple[str, dict]:
+  image, mask = carla_files.read_pair(pair, num_classes)
+  # PNG bytes keep TensorFlow out of preparation: tfds encodes arrays with TF.
+  return pair.name, {
+      'image': carla_files.encode_png(image),
+      'segmentation_mask': carla_files.encode_png(mask),  # grayscale PNG: [H, W, 1] on decoding
+      'file_name': pair.name,
+  }
+
+
+class CarlaScenes(tfds.core.GeneratorBasedBuilder):
+  """CARLA semantic segmentation frames from a local folder."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      'Pass the dataset folder as the manual dir: it holds CameraRGB/<name>.png and '
+      'CameraMask/<name>.png (mask class index in channel 0).')
+  # Nothing is downloaded, so there are no checksums. Left to tfds, the lookup
+  # for a checksums file beside this module imports `importlib_resources`,
+  # which is not a dependency.
+  url_infos = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+            'segmentation_mask': tfds.features.Image(
+                shape=(None, None, 1), encoding_format='png', use_colormap=True),
+            'file_name': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'segmentation_mask'),
+        metadata=tfds.core.MetadataDict(
+            class_names=list(classes.CLASS_NAMES[:self.builder_config.num_classes]),
+            split_key=self.builder_config.split_key,
+            content=self.builder_config.content),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
+    pairs = carla_files.validate_pairs(dl_manager.manual_dir, config.num_classes,
+                                       config.skip_bad_pairs)
+    by_name = {pair.name: pair for pair in pairs}
+    splits = assign_splits(list(by_name), config.split_key, config.validation_fraction,
+                           config.test_fraction)
+    return {split: self._generate_examples([by_name[n] for n in names])
+            for split, names in splits.items()}
+
+  def _generate_examples(self, pairs):
+    num_classes = self.builder_config.num_classes
+    # Decoding and re-encoding PNGs releases the GIL; threads use every core.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      yield from pool.map(lambda pair: _example(pair, num_classes), pairs)
+
+
+def prepared_root(data_dir, prepared_dir: str = '') -> pathlib.Path:
+  return pathlib.Path(prepared_dir) if prepared_dir else pathlib.Path(data_dir) / '.prepared'
+
+
+def _remove_stale_copies(builder: CarlaScenes) -> None:
+  """Deletes copies prepared from earlier folder contents: nothing can read them again.
+
+  Copies of the current content with other split settings stay, for runs that use them.
+  """
+  config_dir = pathlib.Path(builder.data_dir).parent.parent
+  for other in config_dir.iterdir():
+    if other.is_dir() and not other.name.endswith(builder.builder_config.content[:16]):
+      shutil.rmtree(other, ignore_errors=True)
+
+
+def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
+            validation_fraction: float = 0.15, test_fraction: float = 0.15,
+            skip_bad_pairs: bool = False, num_classes: int = classes.NUM_CLASSES) -> CarlaScenes:
+  """Validates and prepares the folder (once per content and settings); returns the builder."""
+  data_dir = pathlib.Path(data_dir)
+  carla_files.list_pairs(data_dir)  # a missing or empty folder fails before anything is written
+  config = builder_config(data_dir, split_key=split_key, validation_fraction=validation_fraction,
+                          test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
+                          num_classes=num_classes)
+  builder = CarlaScenes(data_dir=prepared_root(data_dir, prepared_dir), config=config)
+  builder.download_and_prepare(
+      file_format='array_record',
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
+  _remove_stale_copies(builder)
+  return builder
+
+
+def data_source(builder: CarlaScenes, split: str):
+  """Random-access ArrayRecord source of decoded examples (numpy, no TensorFlow)."""
+  return builder.as_data_source(split=split)
+
+
+def mask_source(builder: CarlaScenes, split: str):
+  """Like `data_source`, but leaves images encoded: for passes that only need masks."""
+  return builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def class_names(builder: CarlaScenes) -> list[str]:
+  return list(builder.info.metadata['class_names'])
+
+
+def split_sizes(builder: CarlaScenes) -> dict[str, int]:
+  return {name: info.num_examples for name, info in builder.info.splits.items()}

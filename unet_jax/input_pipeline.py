@@ -1,0 +1,444 @@
+"""Input pipeline: prepared CARLA splits -> global batches sharded over 'data'.
+
+`create_datasets(config, mesh)` returns one `SegmentationData` per split.
+Every batch is a dict of global jax.Arrays sharded `P('data')`:
+'image' float32 [B, H, W, 3] in [0, 1], 'label' int32 [B, h, w] (the model's
+output size: centre-cropped for VALID padding) and 'valid' bool [B].
+
+The order of a training epoch is a pure function of (seed, epoch), and so is
+each example's augmentation, so `train_batches(epoch, first_step)` resumes a
+run exactly. Two ways to deliver batches:
+
+* device cache: the preprocessed split lives on the devices as uint8
+  (replicated) and one jitted function gathers and augments each batch there;
+  the host only sends the batch's indices.
+* streaming: grain reads the tfds ArrayRecord source, each process decodes
+  and augments (numpy) only its own slice of every global batch, a
+  background thread prefetches, and `jax.make_array_from_process_local_data`
+  assembles the global arrays.
+
+Augmentation code is written once against an array module (`xp` is numpy or
+jax.numpy), so both modes apply the same transformations.
+"""
+
+from collections.abc import Callable, Iterator
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import pathlib
+import queue
+import threading
+
+import grain
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+from PIL import Image
+
+from unet_jax import carla_dataset
+from unet_jax import carla_files
+from unet_jax import models
+from unet_jax import synthetic
+
+# Uniform numbers drawn per example: flip, scale, crop top, crop left,
+# brightness, contrast, saturation.
+NUM_AUGMENT_UNIFORMS = 7
+
+
+# ------------------------------------------------------------------------------
+# Preprocessing (host, numpy).
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray,
+                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """Resizes an image (antialiased) and its mask (nearest, so no new labels) to (H, W)."""
+  height, width = size
+  if image.shape[:2] != (height, width):
+    image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))
+  if mask.shape != (height, width):
+    mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+  return image, mask
+
+
+def centre_crop_label(label, label_size: tuple[int, int]):
+  """Crops [..., H, W] to the centre [..., h, w]: the region a VALID U-Net predicts."""
+  height, width = label.shape[-2:]
+  top, left = (height - label_size[0]) // 2, (width - label_size[1]) // 2
+  return label[..., top:top + label_size[0], left:left + label_size[1]]
+
+
+# ------------------------------------------------------------------------------
+# Augmentation, for numpy (streaming) and jax.numpy (device cache).
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  horizontal_flip: bool = False
+  scale_range: tuple[float, float] = (1.0, 1.0)
+  brightness: float = 0.0
+  contrast: float = 0.0
+  saturation: float = 0.0
+
+  @classmethod
+  def from_config(cls, augment) -> 'Augment':
+    return cls(bool(augment.horizontal_flip), tuple(float(s) for s in augment.scale_range),
+               float(augment.brightness), float(augment.contrast), float(augment.saturation))
+
+  @property
+  def enabled(self) -> bool:
+    return (self.horizontal_flip or self.scale_range != (1.0, 1.0) or
+            any((self.brightness, self.contrast, self.saturation)))
+
+
+def _sample_positions(xp, length: int, scale, start_fraction, flip):
+  """Source coordinates of the output pixels along one axis.
+
+  A window of length/scale pixels, placed at start_fraction of the free
+  range, is stretched over the output (scale > 1 zooms in; scale < 1 zooms
+  out and repeats the border).
+  """
+  window = length / scale
+  start = start_fraction * (length - window)
+  positions = start + (xp.arange(length, dtype=xp.float32) + 0.5) * (window / length) - 0.5
+  if flip is not None:
+    positions = xp.where(flip, (length - 1) - positions, positions)
+  return positions
+
+
+def _linear_take(xp, array, positions, axis: int):
+  length = array.shape[axis]
+  positions = xp.clip(positions, 0, length - 1)
+  lower = xp.floor(positions).astype(xp.int32)
+  upper = xp.minimum(lower + 1, length - 1)
+  weight = (positions - lower).astype(xp.float32)
+  weight = weight.reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
+  return xp.take(array, lower, axis=axis) * (1 - weight) + xp.take(array, upper, axis=axis) * weight
+
+
+def _nearest_take(xp, array, positions, axis: int):
+  index = xp.clip(xp.floor(positions + 0.5), 0, array.shape[axis] - 1).astype(xp.int32)
+  return xp.take(array, index, axis=axis)
+
+
+def augment_example(xp, image, label, uniforms, augment: Augment):
+  """Augments one example. image float32 [H, W, 3] in [0, 1], label [H, W]; uniforms [7] in [0, 1).
+
+  The flip and the scale-and-crop move image and label by the same sampling
+  positions (image bilinear, label nearest); colour jitter touches the image only.
+  """
+  height, width = label.shape
+  if augment.horizontal_flip or augment.scale_range != (1.0, 1.0):
+    low, high = augment.scale_range
+    scale = low + (high - low) * uniforms[1]
+    flip = uniforms[0] < 0.5 if augment.horizontal_flip else None
+    rows = _sample_positions(xp, height, scale, uniforms[2], None)
+    cols = _sample_positions(xp, width, scale, uniforms[3], flip)
+    image = _linear_take(xp, _linear_take(xp, image, rows, 0), cols, 1)
+    label = _nearest_take(xp, _nearest_take(xp, label, rows, 0), cols, 1)
+  if augment.saturation:
+    grey = (image @ xp.asarray([0.299, 0.587, 0.114], xp.float32))[..., None]
+    image = grey + (1 + augment.saturation * (2 * uniforms[6] - 1)) * (image - grey)
+  if augment.contrast:
+    mean = xp.mean(image @ xp.asarray([0.299, 0.587, 0.114], xp.float32))
+    image = mean + (1 + augment.contrast * (2 * uniforms[5] - 1)) * (image - mean)
+  if augment.brightness:
+    image = image + augment.brightness * (2 * uniforms[4] - 1)
+  return xp.clip(image, 0.0, 1.0).astype(xp.float32), label
+
+
+# ------------------------------------------------------------------------------
+# Order and per-process slices.
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The example order of one training epoch: a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_schedule(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """int64 [steps, batch]: example indices of every global batch (remainder dropped)."""
+  steps = num_examples // batch_size
+  return epoch_order(num_examples, seed, epoch)[:steps * batch_size].reshape(steps, batch_size)
+
+
+def eval_schedule(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices and validity [steps, batch]: every example once, the last batch padded."""
+  steps = -(-num_examples // batch_size)
+  positions = np.arange(steps * batch_size).reshape(steps, batch_size)
+  valid = positions < num_examples
+  return np.where(valid, positions, 0), valid
+
+
+def process_columns(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's contiguous slice of every global batch."""
+  if batch_size % process_count:
+    raise ValueError(f'batch size {batch_size} is not divisible by {process_count} processes')
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def example_uniforms(seed: int, epoch: int, index: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, index]).random(NUM_AUGMENT_UNIFORMS, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------
+# Delivery.
+
+
+def _prefetch_in_thread(iterator: Iterator, transform: Callable, size: int) -> Iterator:
+  """Runs `transform` over `iterator` in a background thread, `size` items ahead."""
+  items = queue.Queue(maxsize=max(size, 1))
+  stop = threading.Event()
+  done = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        item = transform(item)
+        while not stop.is_set():
+          try:
+            items.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            pass
+        if stop.is_set():
+          return
+      items.put(done)
+    except BaseException as e:  # handed to the consumer, who raises it
+      items.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while (item := items.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+class SegmentationData:
+  """One split, with its batches. See the module docstring."""
+
+  def __init__(self, *, name: str, builder, image_size: tuple[int, int],
+               label_size: tuple[int, int], global_batch_size: int, mesh: jax.sharding.Mesh,
+               seed: int, augment: Augment, num_classes: int, device_cache: bool,
+               prefetch_batches: int = 2, num_workers: int = 0):
+    self.name = name
+    self._source = carla_dataset.data_source(builder, name)
+    self._builder = builder
+    self.num_examples = len(self._source)
+    self.image_size = tuple(image_size)
+    self.label_size = tuple(label_size)
+    self.global_batch_size = global_batch_size
+    self._mesh = mesh
+    self._seed = seed
+    self._augment = augment
+    self._num_classes = num_classes
+    self._prefetch = prefetch_batches
+    self._num_workers = num_workers
+    self._batch_sharding = NamedSharding(mesh, P('data'))
+    self._replicated = NamedSharding(mesh, P())
+    self._class_counts = None
+    training = name == 'train'
+    self.steps_per_epoch = (self.num_examples // global_batch_size if training else
+                            -(-self.num_examples // global_batch_size))
+    if training and self.steps_per_epoch == 0:
+      raise ValueError(f'the {name} split has {self.num_examples} examples, fewer than one '
+                       f'batch of {global_batch_size}; lower config.batch_size or add data')
+    devices = mesh.shape['data']
+    if global_batch_size % devices:
+      raise ValueError(f'batch size {global_batch_size} is not divisible by the {devices} '
+                       "devices of the mesh axis 'data'")
+    self._cache = self._load_to_devices() if device_cache else None
+
+  @property
+  def device_cached(self) -> bool:
+    return self._cache is not None
+
+  # ---- host side ----
+
+  def load_example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image [H, W, 3] and uint8 label [H, W] at image_size (not cropped)."""
+    example = self._source[int(index)]
+    return resize_pair(example['image'], example['segmentation_mask'][..., 0], self.image_size)
+
+  def _host_example(self, epoch: int, augment: bool, index_and_valid):
+    index, valid = index_and_valid
+    image, label = self.load_example(index)
+    image = image.astype(np.float32) / 255.0
+    if augment and self._augment.enabled:
+      image, label = augment_example(np, image, label, example_uniforms(self._seed, epoch, index),
+                                     self._augment)
+    return {'image': image, 'label': centre_crop_label(label, self.label_size).astype(np.int32),
+            'valid': np.bool_(valid)}
+
+  def host_batches(self, indices: np.ndarray, valid: np.ndarray, *, epoch: int, augment: bool,
+                   process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """numpy batches of this process's columns of the global [steps, B] schedule."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    columns = process_columns(self.global_batch_size, process_index, process_count)
+    local = list(zip(indices[:, columns].ravel().tolist(), valid[:, columns].ravel().tolist()))
+    if not local:
+      return iter(())
+    local_batch = columns.stop - columns.start
+    dataset = grain.MapDataset.source(local).map(
+        functools.partial(self._host_example, epoch, augment))
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=os.cpu_count() or 1,
+        prefetch_buffer_size=max(self._prefetch, 1) * local_batch)).batch(local_batch)
+    if self._num_workers > 0:
+      iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    return iter(iterable)
+
+  def _stream(self, indices, valid, *, epoch: int, augment: bool):
+    global_shapes = {
+        'image': (self.global_batch_size, *self.image_size, 3),
+        'label': (self.global_batch_size, *self.label_size),
+        'valid': (self.global_batch_size,),
+    }
+
+    def to_global(batch):
+      return {key: jax.make_array_from_process_local_data(self._batch_sharding, value,
+                                                          global_shapes[key])
+              for key, value in batch.items()}
+
+    return _prefetch_in_thread(self.host_batches(indices, valid, epoch=epoch, augment=augment),
+                               to_global, self._prefetch)
+
+  # ---- device cache ----
+
+  def _load_to_devices(self):
+    # PNG decoding and PIL resizing release the GIL.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      examples = list(pool.map(self.load_example, range(self.num_examples)))
+    images = np.stack([image for image, _ in examples])
+    labels = np.stack([label for _, label in examples])
+    self._class_counts = carla_files.class_pixel_counts(
+        centre_crop_label(labels, self.label_size), self._num_classes)
+    put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
+    return {'images': put(images), 'labels': put(labels),
+            'gather': jax.jit(functools.partial(_gather_batch, seed=self._seed,
+                                                augment=self._augment, label_size=self.label_size),
+                              static_argnames='training', out_shardings=self._batch_sharding)}
+
+  def _from_cache(self, indices, valid, *, epoch: int, augment: bool):
+    cache = self._cache
+    put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
+    epoch_array = put(np.int32(epoch))
+    for step_indices, step_valid in zip(indices, valid):
+      yield cache['gather'](cache['images'], cache['labels'], put(step_indices.astype(np.int32)),
+                            put(step_valid), epoch_array,
+                            training=augment and self._augment.enabled)
+
+  # ---- public ----
+
+  def train_batches(self, epoch: int, first_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+    """Augmented batches of one epoch in the (seed, epoch) order, from step first_step."""
+    indices = train_schedule(self.num_examples, self.global_batch_size, self._seed, epoch)
+    indices = indices[first_step:]
+    valid = np.ones(indices.shape, bool)
+    deliver = self._from_cache if self.device_cached else self._stream
+    return deliver(indices, valid, epoch=epoch, augment=True)
+
+  def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+    """Every example once, in order, not augmented; padding in the last batch has valid=False."""
+    indices, valid = eval_schedule(self.num_examples, self.global_batch_size)
+    deliver = self._from_cache if self.device_cached else self._stream
+    return deliver(indices, valid, epoch=0, augment=False)
+
+  def class_pixel_counts(self) -> np.ndarray:
+    """int64 [num_classes]: label pixels per class over the split, at label_size."""
+    if self._class_counts is None:
+      masks = carla_dataset.mask_source(self._builder, self.name)
+      # The image stays encoded; only masks are decoded.
+      def count(index):
+        mask = masks[index]['segmentation_mask'][..., 0]
+        if mask.shape != self.image_size:
+          mask = np.asarray(Image.fromarray(mask).resize(self.image_size[::-1],
+                                                         Image.Resampling.NEAREST))
+        return centre_crop_label(mask, self.label_size)
+      with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        self._class_counts = carla_files.class_pixel_counts(
+            pool.map(count, range(self.num_examples)), self._num_classes)
+    return self._class_counts.copy()
+
+
+def _gather_batch(images, labels, indices, valid, epoch, *, seed: int, augment: Augment,
+                  label_size, training: bool):
+  """Device side: gathers cached examples, augments them (training) and crops labels."""
+  image = images[indices].astype(jnp.float32) / 255.0
+  label = labels[indices]
+  if training:
+    epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
+    uniforms = jax.vmap(lambda i: jax.random.uniform(
+        jax.random.fold_in(epoch_key, i), (NUM_AUGMENT_UNIFORMS,)))(indices)
+    image, label = jax.vmap(lambda x, y, u: augment_example(jnp, x, y, u, augment))(
+        image, label, uniforms)
+  return {'image': image, 'label': centre_crop_label(label, label_size).astype(jnp.int32),
+          'valid': valid}
+
+
+# ------------------------------------------------------------------------------
+# Entry point.
+
+
+def _has_frames(data_dir: pathlib.Path) -> bool:
+  folder = data_dir / carla_files.IMAGE_DIR
+  return folder.is_dir() and any(folder.glob('*.png'))
+
+
+def _in_process_order(work: Callable[[], object]) -> object:
+  """Runs `work` on process 0 first, then on the others.
+
+  Shared folders are then written once (the others find the result); on
+  host-local disks every process does the same deterministic work itself.
+  """
+  if jax.process_count() == 1:
+    return work()
+  result = work() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('unet_jax.input_pipeline: process 0 done')
+  if jax.process_index() != 0:
+    result = work()
+  return result
+
+
+def _cache_megabytes(num_examples: int, image_size) -> float:
+  return num_examples * image_size[0] * image_size[1] * 4 / 2**20  # uint8 RGB + label
+
+
+def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationData]:
+  """Validates, prepares and loads the splits named by config.data (see module docstring)."""
+  data = config.data
+  data_dir = pathlib.Path(data.data_dir)
+  image_size = tuple(int(n) for n in data.image_size)
+  label_size = models.output_size(image_size, config.model.depth, config.model.padding)
+  if data.synthetic_scenes > 0 and not _has_frames(data_dir):
+    _in_process_order(lambda: _has_frames(data_dir) or synthetic.write_scenes(
+        data_dir, data.synthetic_scenes, seed=config.seed))
+  builder = _in_process_order(lambda: carla_dataset.prepare(
+      data_dir, prepared_dir=data.prepared_dir, split_key=data.split_key,
+      validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
+      skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes))
+  sizes = carla_dataset.split_sizes(builder)
+  if data.device_cache not in ('auto', 'always', 'never'):
+    raise ValueError(f"config.data.device_cache must be 'auto', 'always' or 'never', "
+                     f'got {data.device_cache!r}')
+  total_mb = _cache_megabytes(sum(sizes.values()), image_size)
+  device_cache = (data.device_cache == 'always' or
+                  data.device_cache == 'auto' and total_mb <= data.device_cache_max_mb)
+  return {
+      name: SegmentationData(
+          name=name, builder=builder, image_size=image_size, label_size=label_size,
+          global_batch_size=config.batch_size, mesh=mesh, seed=config.seed,
+          augment=Augment.from_config(data.augment), num_classes=config.model.num_classes,
+          device_cache=device_cache, prefetch_batches=data.prefetch_batches,
+          num_workers=data.num_workers)
+      for name in carla_dataset.SPLITS if name in sizes
+  }
