@@ -442,3 +442,30 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
           num_workers=data.num_workers)
       for name in carla_dataset.SPLITS if name in sizes
   }
+
+
+def folder_dataset(config, mesh: jax.sharding.Mesh, data_dir,
+                   prepared_dir: str = '') -> SegmentationData:
+  """Every valid pair of a CARLA-format folder as one evaluation split.
+
+  The pairs are prepared and preprocessed exactly as the config's own splits
+  (image and label size, class count, bad-pair policy), with nothing held out:
+  they all land in the builder's 'train' split. It is read as 'train[:100%]'
+  (the same examples) so that SegmentationData batches it as an evaluation
+  split: every example once, the last batch padded, any number of frames.
+  """
+  data = config.data
+  image_size = tuple(int(n) for n in data.image_size)
+  label_size = models.output_size(image_size, config.model.depth, config.model.padding)
+  builder = _in_process_order(lambda: carla_dataset.prepare(
+      data_dir, prepared_dir=prepared_dir, split_key='name', validation_fraction=0.0,
+      test_fraction=0.0, skip_bad_pairs=data.skip_bad_pairs,
+      num_classes=config.model.num_classes))
+  num_examples = carla_dataset.split_sizes(builder)['train']
+  device_cache = (data.device_cache == 'always' or data.device_cache == 'auto' and
+                  _cache_megabytes(num_examples, image_size) <= data.device_cache_max_mb)
+  return SegmentationData(
+      name='train[:100%]', builder=builder, image_size=image_size, label_size=label_size,
+      global_batch_size=config.batch_size, mesh=mesh, seed=config.seed, augment=Augment(),
+      num_classes=config.model.num_classes, device_cache=device_cache,
+      prefetch_batches=data.prefetch_batches, num_workers=data.num_workers)
