@@ -64,11 +64,14 @@ def assign_splits(names, split_key: str, validation_fraction: float,
   empty = [s for s, members in splits.items() if not members]
   if empty:
     groups = len({group_key(n, split_key) for n in names})
+    remedies = ['set config.data.validation_fraction / test_fraction to other values (0 drops '
+                'a split)', 'add frames']
+    if split_key != 'name':
+      remedies.insert(0, "use config.data.split_key='name' to split frame by frame")
     raise ValueError(
-        f'split(s) {", ".join(empty)} would be empty: {len(names)} frames fall into only {groups} '
-        f"group(s) by split_key={split_key!r}, and no group hashed into them. Use "
-        "config.data.split_key='name' to split frame by frame, change "
-        'config.data.validation_fraction / test_fraction (0 drops a split), or add recordings.')
+        f'split(s) {", ".join(empty)} would be empty: {len(names)} frames form only {groups} '
+        f'group(s) by split_key={split_key!r}, and none hashed into them. To fix it, '
+        + ', or '.join(remedies) + '.')
   return splits
 
 
@@ -97,8 +100,12 @@ def builder_config(data_dir, *, split_key='recording', validation_fraction=0.15,
 def _example(pair: carla_files.Pair, num_classes: int) -> tuple[str, dict]:
   image, mask = carla_files.read_pair(pair, num_classes)
   # PNG bytes keep TensorFlow out of preparation: tfds encodes arrays with TF.
+  # RGB files go in as they are; others (RGBA, grey) are re-encoded as RGB.
+  image_bytes = pair.image_path.read_bytes()
+  if carla_files.png_mode(image_bytes) != 'RGB':
+    image_bytes = carla_files.encode_png(image)
   return pair.name, {
-      'image': carla_files.encode_png(image),
+      'image': image_bytes,
       'segmentation_mask': carla_files.encode_png(mask),  # grayscale PNG: [H, W, 1] on decoding
       'file_name': pair.name,
   }

@@ -130,6 +130,12 @@ def decode_mask(data: bytes, path: PathLike = '<bytes>',
   return array.astype(np.uint8)
 
 
+def png_mode(data: bytes) -> str:
+  """The PIL mode ('RGB', 'RGBA', 'L', ...) of PNG bytes, from the header alone."""
+  with Image.open(io.BytesIO(data)) as image:
+    return image.mode
+
+
 def read_image(path: PathLike) -> np.ndarray:
   return decode_image(_read_bytes(path), path)
 

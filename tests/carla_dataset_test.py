@@ -1,0 +1,135 @@
+"""The tensorflow-datasets builder: splits, features, metadata, re-preparation."""
+
+import collections
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from unet_jax import carla_dataset
+from unet_jax import carla_files
+from unet_jax import classes
+from unet_jax import synthetic
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+  root = tmp_path_factory.mktemp('scenes')
+  synthetic.write_scenes(root, 40, seed=0, size=(32, 48))
+  return root
+
+
+def test_split_is_a_pure_function_of_the_group_key():
+  assert carla_dataset.group_key('002128', 'recording') == '002'
+  assert carla_dataset.group_key('002128', 'name') == '002128'
+  # All frames of a recording land together.
+  splits = {carla_dataset.split_of(f'017{i:03d}', 'recording', 0.3, 0.3) for i in range(50)}
+  assert len(splits) == 1
+  # Fractions are honoured over many groups.
+  counts = collections.Counter(carla_dataset.split_of(f'{i:06d}', 'name', 0.15, 0.15)
+                               for i in range(20000))
+  assert abs(counts['validation'] / 20000 - 0.15) < 0.01
+  assert abs(counts['test'] / 20000 - 0.15) < 0.01
+
+
+def test_builder_splits_features_and_metadata(scenes, tmp_path):
+  builder = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name')
+  sizes = carla_dataset.split_sizes(builder)
+  expected = collections.Counter(carla_dataset.split_of(synthetic.scene_name(i), 'name', 0.15, 0.15)
+                                 for i in range(40))
+  assert sizes == dict(expected) and sum(sizes.values()) == 40
+  assert carla_dataset.class_names(builder) == list(classes.CLASS_NAMES)
+  source = carla_dataset.data_source(builder, 'train')
+  example = source[0]
+  assert example['image'].shape == (32, 48, 3) and example['image'].dtype == np.uint8
+  assert example['segmentation_mask'].shape == (32, 48, 1)
+  name = example['file_name'].decode()
+  # Pixels survive the round trip exactly (PNG is lossless).
+  image = carla_files.read_image(scenes / 'CameraRGB' / f'{name}.png')
+  mask = carla_files.read_mask(scenes / 'CameraMask' / f'{name}.png')
+  np.testing.assert_array_equal(example['image'], image)
+  np.testing.assert_array_equal(example['segmentation_mask'][..., 0], mask)
+  assert 'tensorflow' not in sys.modules
+
+
+def test_recording_split_keeps_recordings_together(scenes, tmp_path):
+  builder = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='recording',
+                                  validation_fraction=0.3, test_fraction=0.2)
+  recordings = {}
+  for split in carla_dataset.split_sizes(builder):
+    names = [e['file_name'].decode() for e in carla_dataset.data_source(builder, split)]
+    recordings[split] = {n[:3] for n in names}
+  assert not recordings['train'] & recordings['validation']
+  assert not recordings['train'] & recordings['test']
+  assert not recordings['validation'] & recordings['test']
+
+
+def test_adding_frames_never_moves_existing_ones(tmp_path):
+  data = tmp_path / 'data'
+  synthetic.write_scenes(data, 24, seed=0, size=(32, 48))
+
+  def membership(builder):
+    return {e['file_name'].decode(): split for split in carla_dataset.split_sizes(builder)
+            for e in carla_dataset.data_source(builder, split)}
+
+  settings = dict(split_key='name', validation_fraction=0.3, test_fraction=0.3)
+  before = membership(carla_dataset.prepare(data, **settings))
+  synthetic.write_scenes(tmp_path / 'more', 40, seed=0, size=(32, 48))
+  for sub in ('CameraRGB', 'CameraMask'):
+    for path in sorted((tmp_path / 'more' / sub).iterdir())[24:]:
+      shutil.copy(path, data / sub / path.name)
+  after = membership(carla_dataset.prepare(data, **settings))  # re-prepared: content changed
+  assert len(after) == 40
+  assert {name: after[name] for name in before} == before
+  # The copy of the old content is gone; exactly one prepared copy remains.
+  assert len(list((data / '.prepared' / 'carla_scenes').iterdir())) == 1
+
+
+def test_changed_split_settings_prepare_a_new_copy(scenes, tmp_path):
+  first = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name')
+  second = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name',
+                                 validation_fraction=0.3)
+  assert first.data_dir != second.data_dir
+  assert (carla_dataset.split_sizes(second)['validation'] >
+          carla_dataset.split_sizes(first)['validation'])
+
+
+def test_empty_split_suggests_splitting_by_name(tmp_path):
+  synthetic.write_scenes(tmp_path, 4, seed=0, size=(32, 48))  # one recording only
+  with pytest.raises(ValueError, match="split_key='name'"):
+    carla_dataset.prepare(tmp_path, split_key='recording')
+
+
+def test_bad_pair_fails_before_anything_is_prepared(tmp_path):
+  synthetic.write_scenes(tmp_path, 16, seed=0, size=(32, 48))
+  (tmp_path / 'CameraMask' / '000002.png').unlink()
+  with pytest.raises(carla_files.BadDataError, match='CameraRGB/000002.png'):
+    carla_dataset.prepare(tmp_path, split_key='name', validation_fraction=0.3, test_fraction=0.3)
+  assert not list((tmp_path / '.prepared').glob('**/dataset_info.json'))
+  with pytest.warns(UserWarning, match='000002.png'):
+    builder = carla_dataset.prepare(tmp_path, split_key='name', skip_bad_pairs=True,
+                                    validation_fraction=0.3, test_fraction=0.3)
+  assert sum(carla_dataset.split_sizes(builder).values()) == 15
+
+
+def test_real_pairs_class_shares_match_readme(shared_carla_dir, tmp_path):
+  # Its 14 recordings leave the default test split empty (none hashes below
+  # 0.15); the held-out recordings of the full set play that part.
+  builder = carla_dataset.prepare(shared_carla_dir, prepared_dir=str(tmp_path),
+                                  validation_fraction=0.3, test_fraction=0.0)
+  assert set(carla_dataset.split_sizes(builder)) == {'train', 'validation'}
+  counts = np.zeros(classes.NUM_CLASSES, np.int64)
+  total = 0
+  for split in carla_dataset.split_sizes(builder):
+    source = carla_dataset.mask_source(builder, split)
+    total += len(source)
+    counts += carla_files.class_pixel_counts(
+        source[i]['segmentation_mask'] for i in range(len(source)))
+  assert total == 258
+  shares = 100 * counts / counts.sum()
+  readme = {'Road': 44.38, 'Sky': 33.23, 'Vegetation': 7.04, 'Building': 5.39, 'Terrain': 3.00,
+            'SideWalk': 1.58, 'Wall': 1.37, 'GuardRail': 1.19}
+  for name, share in readme.items():
+    assert abs(shares[classes.CLASS_NAMES.index(name)] - share) < 0.05, name
+  assert counts[0] == 0
