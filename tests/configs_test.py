@@ -1,0 +1,71 @@
+"""Every config in configs/ loads, builds its model and trains one step."""
+
+import importlib
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from unet_jax import config_checks
+from unet_jax import models
+from unet_jax import train
+
+CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
+                      if not p.stem.startswith('_'))
+
+
+def _load(name, arg=None):
+  return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+def test_the_expected_configs_exist():
+  assert {'carla', 'carla_lab', 'unet_paper', 'synthetic'} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_config_is_valid_and_its_model_accepts_its_image_size(name):
+  config = _load(name)
+  config_checks.check_config(config, num_devices=1)
+  model = models.unet_from_config(config.model)
+  size = models.output_size(config.data.image_size, model.depth, model.padding)
+  assert all(n > 0 for n in size)
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_config_trains_one_step_at_a_tiny_size(name):
+  config = _load(name)
+  config.model.base_filters = 2
+  config.batch_size = 2
+  config.data.image_size = models.smallest_input_for_output(
+      (1, 1), config.model.depth, config.model.padding)
+  mesh = train.create_mesh()
+  model = models.unet_from_config(config.model)
+  learning_rate_fn = train.create_learning_rate_fn(config, 10)
+  state = train.create_replicated_train_state(config, model, learning_rate_fn,
+                                              jax.random.key(0), mesh)
+  step = train.compile_train_step(config, mesh, learning_rate_fn, class_weights=None)
+  height, width = config.data.image_size
+  label_size = models.output_size((height, width), config.model.depth, config.model.padding)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((2, height, width, 3), np.float32),
+           'label': rng.integers(0, config.model.num_classes, (2, *label_size)).astype(np.int32),
+           'valid': np.ones(2, bool)}
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = step(state, batch, jax.random.key(1))
+  assert int(state.step) == 1 and np.isfinite(float(metrics['loss']))
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.device_get(state.params))
+  assert any(jax.tree.leaves(changed))
+
+
+def test_lab_config_network_has_the_study_parameter_count():
+  config = _load('carla_lab')
+  model = models.unet_from_config(config.model)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 96, 128, 3))))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params'])) == 8_640_471
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_smoke_variant_is_tiny(name):
+  config = _load(name, 'smoke')
+  assert config.batch_size <= 4 and config.model.base_filters <= 4
