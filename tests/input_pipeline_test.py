@@ -1,0 +1,330 @@
+"""The input pipeline: preprocessing, augmentation, order, sharding, both delivery modes."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import carla
+from unet_jax import input_pipeline as ip
+from unet_jax import models
+from unet_jax import synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GEOMETRY = ip.Augment(horizontal_flip=True, scale_range=(1.2, 2.0))
+
+
+def _config(data_dir, **data):
+  config = carla.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.image_size = (32, 48)
+  config.data.split_key = 'name'
+  config.data.validation_fraction = 0.25
+  config.data.test_fraction = 0.25
+  config.model.depth = 2
+  config.batch_size = 4
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+  root = tmp_path_factory.mktemp('scenes')
+  synthetic.write_scenes(root, 30, seed=0, size=(48, 64))  # resized to 32x48 by the pipeline
+  return root
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return jax.make_mesh((len(jax.devices()),), ('data',))
+
+
+@pytest.fixture(scope='module', params=['always', 'never'])
+def datasets(request, scenes, mesh):
+  config = _config(scenes, device_cache=request.param)
+  config.data.augment.horizontal_flip = True
+  config.data.augment.scale_range = (1.0, 1.5)
+  config.data.augment.brightness = 0.1
+  return ip.create_datasets(config, mesh)
+
+
+def _numpy(batches):
+  return [{k: np.asarray(v) for k, v in batch.items()} for batch in batches]
+
+
+# ---- preprocessing -------------------------------------------------------------
+
+
+def test_mask_resize_is_nearest_and_image_resize_antialiased():
+  rng = np.random.default_rng(0)
+  mask = rng.choice(np.array([1, 7, 13, 22], np.uint8), size=(48, 64))
+  checker = (np.indices((48, 64)).sum(0) % 2 * 255).astype(np.uint8)
+  image = np.repeat(checker[..., None], 3, -1)
+  small_image, small_mask = ip.resize_pair(image, mask, (12, 16))
+  assert small_mask.shape == (12, 16) and small_image.shape == (12, 16, 3)
+  assert set(np.unique(small_mask)) <= {1, 7, 13, 22}
+  # A one-pixel checkerboard shrunk 4x averages to grey instead of aliasing to black/white.
+  assert np.abs(small_image.astype(float) - 127.5).max() < 20
+  # Upsizing the mask also invents no label.
+  _, big_mask = ip.resize_pair(image, mask, (96, 128))
+  assert set(np.unique(big_mask)) <= set(np.unique(mask))
+
+
+def test_valid_padding_label_is_the_centre_crop():
+  label = np.arange(36 * 52).reshape(36, 52)
+  size = models.output_size((36, 52), depth=1, padding='VALID')
+  cropped = ip.centre_crop_label(label, size)
+  assert cropped.shape == size == (20, 36)
+  assert cropped[0, 0] == label[8, 8] and cropped[-1, -1] == label[27, 43]
+
+
+# ---- augmentation --------------------------------------------------------------
+
+
+def _label_coded_example():
+  """Blocky labels, and an image whose red channel encodes the label."""
+  rng = np.random.default_rng(1)
+  label = np.kron(rng.integers(0, 23, (8, 12)), np.ones((4, 4), np.int64)).astype(np.uint8)
+  image = rng.random((32, 48, 3), dtype=np.float32)
+  image[..., 0] = label * 10 / 255
+  return image, label
+
+
+def _interior(label):
+  """Pixels whose 3x3 neighbourhood has one label (bilinear blends only at edges).
+
+  The image border never counts: its outer neighbours are unknown.
+  """
+  padded = np.pad(label.astype(np.int32), 1, constant_values=-1)
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3))
+  return (windows == label[..., None, None]).all((-1, -2))
+
+
+@pytest.mark.parametrize('xp', [np, jnp], ids=['numpy', 'jax'])
+def test_geometry_moves_image_and_label_together(xp):
+  image, label = _label_coded_example()
+  for seed in range(6):
+    uniforms = np.random.default_rng(seed).random(ip.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+    out_image, out_label = map(np.asarray, ip.augment_example(
+        xp, xp.asarray(image), xp.asarray(label), xp.asarray(uniforms), GEOMETRY))
+    assert out_label.shape == label.shape
+    assert set(np.unique(out_label)) <= set(np.unique(label))
+    inside = _interior(out_label)
+    assert inside.mean() > 0.3
+    decoded = np.round(out_image[..., 0] * 255 / 10)
+    np.testing.assert_array_equal(decoded[inside], out_label[inside])
+
+
+def test_flip_without_scaling_mirrors_exactly():
+  image, label = _label_coded_example()
+  flip_only = ip.Augment(horizontal_flip=True)
+  uniforms = np.zeros(ip.NUM_AUGMENT_UNIFORMS, np.float32)  # u[0] < 0.5: flip
+  out_image, out_label = ip.augment_example(np, image, label, uniforms, flip_only)
+  np.testing.assert_array_equal(out_label, label[:, ::-1])
+  np.testing.assert_allclose(out_image, image[:, ::-1], atol=1e-6)
+  uniforms[0] = 0.9  # no flip
+  out_image, out_label = ip.augment_example(np, image, label, uniforms, flip_only)
+  np.testing.assert_array_equal(out_label, label)
+
+
+def test_colour_jitter_changes_the_image_only():
+  image, label = _label_coded_example()
+  jitter = ip.Augment(brightness=0.2, contrast=0.3, saturation=0.3)
+  uniforms = np.full(ip.NUM_AUGMENT_UNIFORMS, 0.9, np.float32)
+  out_image, out_label = ip.augment_example(np, image, label, uniforms, jitter)
+  np.testing.assert_array_equal(out_label, label)
+  assert np.abs(out_image - image).mean() > 0.05
+  assert out_image.min() >= 0 and out_image.max() <= 1
+
+
+def test_numpy_and_jax_augmentations_agree():
+  image, label = _label_coded_example()
+  everything = ip.Augment(True, (0.8, 1.6), 0.2, 0.3, 0.3)
+  uniforms = np.random.default_rng(3).random(ip.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+  np_image, np_label = ip.augment_example(np, image, label, uniforms, everything)
+  jax_image, jax_label = ip.augment_example(jnp, jnp.asarray(image), jnp.asarray(label),
+                                            jnp.asarray(uniforms), everything)
+  np.testing.assert_array_equal(np_label, np.asarray(jax_label))
+  np.testing.assert_allclose(np_image, np.asarray(jax_image), atol=1e-4)
+
+
+# ---- order ---------------------------------------------------------------------
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+  first = ip.train_schedule(103, 8, seed=0, epoch=3)
+  assert first.shape == (12, 8)
+  np.testing.assert_array_equal(first, ip.train_schedule(103, 8, seed=0, epoch=3))
+  assert len(set(first.ravel())) == 96  # no example twice
+  assert (first != ip.train_schedule(103, 8, seed=0, epoch=4)).any()
+  assert (first != ip.train_schedule(103, 8, seed=1, epoch=3)).any()
+
+
+def test_eval_schedule_covers_every_example_once():
+  indices, valid = ip.eval_schedule(10, 4)
+  assert indices.shape == (3, 4)
+  assert sorted(indices[valid]) == list(range(10))
+  assert valid.sum() == 10 and not valid[-1, 2:].any()
+
+
+def test_processes_get_disjoint_slices():
+  columns = [ip.process_columns(8, p, 4) for p in range(4)]
+  covered = np.concatenate([np.arange(8)[c] for c in columns])
+  np.testing.assert_array_equal(covered, np.arange(8))
+  with pytest.raises(ValueError, match='not divisible'):
+    ip.process_columns(6, 0, 4)
+
+
+# ---- the datasets, in both modes -------------------------------------------------
+
+
+def test_batches_are_sharded_typed_and_sized(datasets):
+  train = datasets['train']
+  assert set(datasets) == {'train', 'validation', 'test'}
+  assert sum(d.num_examples for d in datasets.values()) == 30
+  assert train.steps_per_epoch == train.num_examples // 4
+  assert datasets['validation'].steps_per_epoch == -(-datasets['validation'].num_examples // 4)
+  batch = next(train.train_batches(0))
+  assert batch['image'].shape == (4, 32, 48, 3) and batch['image'].dtype == jnp.float32
+  assert batch['label'].shape == (4, 32, 48) and batch['label'].dtype == jnp.int32
+  assert batch['valid'].dtype == jnp.bool_ and bool(batch['valid'].all())
+  for value in batch.values():
+    assert value.sharding.spec == jax.sharding.PartitionSpec('data')
+  image = np.asarray(batch['image'])
+  assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
+  assert np.asarray(batch['label']).max() <= 22
+
+
+def test_train_order_is_deterministic_and_resumes_exactly(datasets):
+  train = datasets['train']
+  epoch_1 = _numpy(train.train_batches(1))
+  assert len(epoch_1) == train.steps_per_epoch
+  again = _numpy(train.train_batches(1))
+  for a, b in zip(epoch_1, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  resumed = _numpy(train.train_batches(1, first_step=2))
+  assert len(resumed) == len(epoch_1) - 2
+  for a, b in zip(epoch_1[2:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  epoch_2 = _numpy(train.train_batches(2))
+  assert any((a['image'] != b['image']).any() for a, b in zip(epoch_1, epoch_2))
+
+
+def test_eval_batches_cover_every_example_once(datasets):
+  split = datasets['validation']
+  batches = _numpy(split.eval_batches())
+  assert len(batches) == split.steps_per_epoch
+  valid = np.concatenate([b['valid'] for b in batches])
+  assert valid.sum() == split.num_examples and not valid[split.num_examples:].any()
+  images = np.concatenate([b['image'] for b in batches])[valid]
+  expected = np.stack([split.load_example(i)[0] for i in range(split.num_examples)]) / 255
+  np.testing.assert_allclose(images, expected, atol=1e-6)  # in order, not augmented
+
+
+def test_class_pixel_counts(datasets):
+  split = datasets['train']
+  counts = split.class_pixel_counts()
+  assert counts.dtype == np.int64 and counts.shape == (23,)
+  assert counts.sum() == split.num_examples * 32 * 48
+  expected = sum(np.bincount(split.load_example(i)[1].ravel(), minlength=23)
+                 for i in range(split.num_examples))
+  np.testing.assert_array_equal(counts, expected)
+
+
+def test_both_modes_give_the_same_order_and_eval_data(scenes, mesh):
+  cached = ip.create_datasets(_config(scenes, device_cache='always'), mesh)['train']
+  streamed = ip.create_datasets(_config(scenes, device_cache='never'), mesh)['train']
+  assert cached.device_cached and not streamed.device_cached
+  for a, b in zip(_numpy(cached.train_batches(5)), _numpy(streamed.train_batches(5))):
+    np.testing.assert_allclose(a['image'], b['image'], atol=1e-6)  # augmentation off
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_device_cache_makes_no_implicit_transfers(scenes, mesh):
+  train = ip.create_datasets(_config(scenes, device_cache='always'), mesh)['train']
+  next(train.train_batches(0))  # compile outside the guard
+  with jax.transfer_guard('disallow'):
+    batches = list(train.train_batches(1))
+  assert len(batches) == train.steps_per_epoch
+
+
+def test_host_batches_per_process_are_disjoint_and_complete(datasets):
+  train = datasets['train']
+  indices = ip.train_schedule(train.num_examples, 4, seed=0, epoch=0)
+  valid = np.ones(indices.shape, bool)
+  whole = list(train.host_batches(indices, valid, epoch=0, augment=False,
+                                  process_index=0, process_count=1))
+  halves = [list(train.host_batches(indices, valid, epoch=0, augment=False,
+                                    process_index=p, process_count=2)) for p in range(2)]
+  for step, batch in enumerate(whole):
+    first, second = halves[0][step]['image'], halves[1][step]['image']
+    assert first.shape[0] == second.shape[0] == 2
+    np.testing.assert_array_equal(np.concatenate([first, second]), batch['image'])
+    assert not np.array_equal(first, second)
+
+
+def test_valid_padding_crops_labels(scenes, mesh):
+  config = _config(scenes, device_cache='always', image_size=(36, 52))
+  config.model.depth = 1
+  config.model.padding = 'VALID'
+  split = ip.create_datasets(config, mesh)['validation']
+  assert split.label_size == (20, 36)
+  batch = next(split.eval_batches())
+  assert batch['label'].shape == (4, 20, 36)
+  full_label = split.load_example(0)[1]
+  np.testing.assert_array_equal(np.asarray(batch['label'][0]), full_label[8:28, 8:44])
+
+
+def test_synthetic_scenes_are_written_when_the_folder_is_empty(tmp_path, mesh):
+  config = _config(tmp_path / 'new', synthetic_scenes=12, device_cache='never',
+                   validation_fraction=0.3, test_fraction=0.0)
+  config.batch_size = 2
+  datasets = ip.create_datasets(config, mesh)
+  assert len(list((tmp_path / 'new' / 'CameraRGB').glob('*.png'))) == 12
+  assert set(datasets) == {'train', 'validation'}
+  assert sum(d.num_examples for d in datasets.values()) == 12
+
+
+def test_batches_span_eight_devices(scenes):
+  script = textwrap.dedent(f"""
+      import jax, numpy as np
+      from configs import carla
+      from unet_jax import input_pipeline as ip
+      assert len(jax.devices()) == 8
+      mesh = jax.make_mesh((8,), ('data',))
+      for mode in ('always', 'never'):
+        config = carla.get_config()
+        config.data.data_dir = {str(scenes)!r}
+        config.data.prepared_dir = {str(scenes / 'prepared8')!r}
+        config.data.image_size = (32, 48)
+        config.data.split_key = 'name'
+        config.data.device_cache = mode
+        config.data.augment.horizontal_flip = True
+        config.model.depth = 2
+        config.batch_size = 8
+        data = ip.create_datasets(config, mesh)
+        batch = next(data['train'].train_batches(0))
+        for value in batch.values():
+          assert len(value.sharding.device_set) == 8, value.sharding
+          assert value.sharding.spec == jax.sharding.PartitionSpec('data')
+          assert len(value.addressable_shards) == 8
+          assert value.addressable_shards[0].data.shape[0] == 1
+        evaluation = list(data['validation'].eval_batches())
+        valid = np.concatenate([np.asarray(b['valid']) for b in evaluation])
+        assert valid.sum() == data['validation'].num_examples
+      print('ok')
+  """)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('ok')
