@@ -43,7 +43,7 @@ def scenes(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def mesh():
-  return jax.make_mesh((len(jax.devices()),), ('data',))
+  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))  # as unet_jax.train builds it
 
 
 @pytest.fixture(scope='module', params=['always', 'never'])
@@ -299,7 +299,7 @@ def test_batches_span_eight_devices(scenes):
       from configs import carla
       from unet_jax import input_pipeline as ip
       assert len(jax.devices()) == 8
-      mesh = jax.make_mesh((8,), ('data',))
+      mesh = jax.make_mesh((8,), ('data',))  # explicit axes: the pipeline takes either kind
       for mode in ('always', 'never'):
         config = carla.get_config()
         config.data.data_dir = {str(scenes)!r}

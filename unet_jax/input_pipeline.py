@@ -57,7 +57,9 @@ def resize_pair(image: np.ndarray, mask: np.ndarray,
   """Resizes an image (antialiased) and its mask (nearest, so no new labels) to (H, W)."""
   height, width = size
   if image.shape[:2] != (height, width):
-    image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))
+    # Box-reduce to within 2x of the target first: also antialiased, and 3x faster.
+    image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS,
+                                                     reducing_gap=2.0))
   if mask.shape != (height, width):
     mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
   return image, mask

@@ -473,19 +473,19 @@ def write_scenes(output_dir: carla_files.PathLike, num_scenes: int, seed: int = 
   return [scene_name(i) for i in range(num_scenes)]
 
 
-_OUTPUT = flags.DEFINE_string('output', None, 'Folder to write CameraRGB/ and CameraMask/ into.')
-_NUM_SCENES = flags.DEFINE_integer('num_scenes', 500, 'Number of scenes.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Random seed; the same seed writes the same files.')
-_HEIGHT = flags.DEFINE_integer('height', 480, 'Image height in pixels.')
-_WIDTH = flags.DEFINE_integer('width', 640, 'Image width in pixels.')
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
-  names = write_scenes(_OUTPUT.value, _NUM_SCENES.value, _SEED.value, (_HEIGHT.value, _WIDTH.value))
-  print(f'wrote {len(names)} scenes to {_OUTPUT.value}')
+  f = flags.FLAGS
+  names = write_scenes(f.output, f.num_scenes, f.seed, (f.height, f.width))
+  print(f'wrote {len(names)} scenes to {f.output}')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: the library is imported by programs with flags of their own.
+  flags.DEFINE_string('output', None, 'Folder to write CameraRGB/ and CameraMask/ into.')
+  flags.DEFINE_integer('num_scenes', 500, 'Number of scenes.')
+  flags.DEFINE_integer('seed', 0, 'Random seed; the same seed writes the same files.')
+  flags.DEFINE_integer('height', 480, 'Image height in pixels.')
+  flags.DEFINE_integer('width', 640, 'Image width in pixels.')
   flags.mark_flag_as_required('output')
   app.run(main)
