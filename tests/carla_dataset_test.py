@@ -95,6 +95,17 @@ def test_changed_split_settings_prepare_a_new_copy(scenes, tmp_path):
           carla_dataset.split_sizes(first)['validation'])
 
 
+def test_folders_sharing_a_prepared_dir_keep_their_copies(tmp_path):
+  for name in ('a', 'b'):
+    synthetic.write_scenes(tmp_path / name, 12, seed=len(name), size=(32, 48))
+  settings = dict(prepared_dir=str(tmp_path / 'shared'), split_key='name',
+                  validation_fraction=0.3, test_fraction=0.0)
+  first = carla_dataset.prepare(tmp_path / 'a', **settings)
+  carla_dataset.prepare(tmp_path / 'b', **settings)
+  assert len(list((tmp_path / 'shared' / 'carla_scenes').iterdir())) == 2
+  assert sum(carla_dataset.split_sizes(first).values()) == 12
+
+
 def test_empty_split_suggests_splitting_by_name(tmp_path):
   synthetic.write_scenes(tmp_path, 4, seed=0, size=(32, 48))  # one recording only
   with pytest.raises(ValueError, match="split_key='name'"):

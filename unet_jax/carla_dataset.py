@@ -90,8 +90,11 @@ def builder_config(data_dir, *, split_key='recording', validation_fraction=0.15,
                    num_classes=classes.NUM_CLASSES) -> CarlaConfig:
   content = carla_files.fingerprint(data_dir)
   group_key('000000', split_key)  # validates split_key early
+  # The folder's own hash keeps copies of different folders apart when they
+  # share a prepared_dir; the content hash tells old copies from new.
+  folder = hashlib.sha256(os.fspath(pathlib.Path(data_dir).resolve()).encode()).hexdigest()
   name = (f'{split_key}-val{validation_fraction:g}-test{test_fraction:g}'
-          f'{"-skipbad" if skip_bad_pairs else ""}-c{num_classes}-{content[:16]}')
+          f'{"-skipbad" if skip_bad_pairs else ""}-c{num_classes}-{folder[:8]}-{content[:16]}')
   return CarlaConfig(name=name, split_key=split_key, validation_fraction=validation_fraction,
                      test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
                      num_classes=num_classes, content=content)
@@ -161,13 +164,15 @@ def prepared_root(data_dir, prepared_dir: str = '') -> pathlib.Path:
 
 
 def _remove_stale_copies(builder: CarlaScenes) -> None:
-  """Deletes copies prepared from earlier folder contents: nothing can read them again.
+  """Deletes copies prepared from earlier contents of this folder: nothing can read them again.
 
-  Copies of the current content with other split settings stay, for runs that use them.
+  Copies of the current content with other split settings stay, for runs
+  that use them, and so do copies of other folders sharing the prepared_dir.
   """
   config_dir = pathlib.Path(builder.data_dir).parent.parent
+  folder, content = builder.builder_config.name.split('-')[-2:]
   for other in config_dir.iterdir():
-    if other.is_dir() and not other.name.endswith(builder.builder_config.content[:16]):
+    if other.is_dir() and other.name.split('-')[-2:-1] == [folder] and not other.name.endswith(content):
       shutil.rmtree(other, ignore_errors=True)
 
 
