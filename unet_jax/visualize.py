@@ -55,9 +55,13 @@ def disagreement(truth: np.ndarray, prediction: np.ndarray,
   return picture.astype(np.uint8)
 
 
+def _name(index: int, class_names: Sequence[str]) -> str:
+  return class_names[index] if index < len(class_names) else f'class{index}'
+
+
 def _legend_handles(class_indices: Sequence[int], class_names: Sequence[str], palette):
   return [patches.Patch(facecolor=np.asarray(palette[i]) / 255.0, edgecolor='black',
-                        linewidth=0.5, label=class_names[i] if i < len(class_names) else f'class{i}')
+                        linewidth=0.5, label=_name(i, class_names))
           for i in class_indices]
 
 
@@ -133,7 +137,7 @@ def confusion_figure(path: str | os.PathLike, confusion: np.ndarray, *,
   if not shown.size:
     shown = np.arange(len(confusion))
   normalized = row_normalize(confusion)[np.ix_(shown, shown)]
-  names = [class_names[i] if i < len(class_names) else f'class{i}' for i in shown]
+  names = [_name(i, class_names) for i in shown]
   size = 1.8 + 0.42 * len(shown)
   figure = Figure(figsize=(size + 1.2, size))
   axis = figure.subplots()

@@ -1,0 +1,246 @@
+r"""Evaluates a trained checkpoint and writes a report a person can read.
+
+    python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
+        [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8]
+
+Works from the workdir alone: its config.json and checkpoints. With
+--data_dir it evaluates every pair of any CARLA-format folder instead of a
+split, preprocessed as in training; the split is then called
+`folder-<folder name>`. Writes `<workdir>/eval/<split>-<step>/`:
+
+* metrics.json: pixel accuracy, mean IoU, mean class accuracy, loss,
+  per-class IoU, accuracy and pixel count by name, the confusion matrix;
+* report.md: the numbers and the per-class table, most frequent class
+  first, with the two pictures below;
+* confusion.png: the row-normalised confusion matrix;
+* examples.png: `num_images` frames as image | truth | prediction | errors.
+
+The metrics come from training's own compiled eval step and `train.evaluate`,
+so for the same checkpoint and split they equal training's evaluation.
+"""
+
+from collections.abc import Sequence
+import hashlib
+import json
+import math
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax import checkpointing
+from unet_jax import classes
+from unet_jax import input_pipeline
+from unet_jax import metric_logging
+from unet_jax import models
+from unet_jax import train
+from unet_jax import visualize
+
+EVAL_DIR = 'eval'
+
+
+def load_split(config, mesh, split: str, data_dir: str | None, workdir: str):
+  """The data to evaluate and the name the report gives it."""
+  if data_dir is None:
+    datasets = input_pipeline.create_datasets(config, mesh)
+    if split not in datasets:
+      raise ValueError(f'split must be one of {sorted(datasets)}, got {split!r}')
+    return datasets[split], split
+  folder = pathlib.Path(data_dir).resolve()
+  # The prepared copy goes into the workdir, not into the person's folder
+  # (which may be read-only), one copy per folder path.
+  path_key = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+  prepared_dir = pathlib.Path(workdir) / EVAL_DIR / 'prepared' / f'{folder.name}-{path_key}'
+  data = input_pipeline.folder_dataset(config, mesh, folder, prepared_dir=str(prepared_dir))
+  return data, f'folder-{folder.name}'
+
+
+def _host_copy(x) -> np.ndarray:
+  """A replicated global array as numpy, on any process (each holds all of it)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def collect_examples(model, variables, data, mesh, num_images: int, ignore_label: int) -> dict:
+  """The first `num_images` frames of a split with their predictions, as numpy.
+
+  Images are cropped to the labelled centre (all of it with SAME padding), so
+  that the four panels of a row line up pixel for pixel.
+  """
+  replicated = train.replicated(mesh)
+
+  def predict(variables, batch):
+    logits = model.apply(variables, batch['image'], train=False)
+    return batch['image'], batch['label'], batch['valid'], jnp.argmax(logits, -1)
+
+  predict = jax.jit(predict, in_shardings=(replicated, train.data_sharded(mesh)),
+                    out_shardings=replicated)
+  images, labels, predictions = [], [], []
+  for batch in data.eval_batches():
+    if len(images) >= num_images:
+      break
+    image, label, valid, prediction = (_host_copy(x) for x in predict(variables, batch))
+    for i in np.flatnonzero(valid)[:num_images - len(images)]:
+      images.append(image[i])
+      labels.append(label[i])
+      predictions.append(prediction[i])
+  if not images:
+    return {'images': [], 'labels': [], 'predictions': [], 'scored': []}
+  height, width = data.label_size
+  cropped = models.center_crop(np.stack(images), height, width)
+  num_classes = model.num_classes
+  scored = [(y >= 0) & (y < num_classes) & (y != ignore_label) for y in labels]
+  return {
+      'images': [np.rint(255 * np.clip(x, 0, 1)).astype(np.uint8) for x in cropped],
+      # Unscored pixels are drawn as class 0 (black) and marked white in the error panel.
+      'labels': [np.where(s, y, 0) for y, s in zip(labels, scored)],
+      'predictions': predictions,
+      'scored': scored,
+  }
+
+
+def _number(value: float) -> float | None:
+  """JSON has no NaN: a class absent from truth and prediction has no IoU."""
+  return None if math.isnan(value) else float(value)
+
+
+def metrics_record(summary: dict, *, split: str, step: int, workdir: str,
+                   num_examples: int, data_dir: str | None,
+                   class_names: Sequence[str]) -> dict:
+  """The summary as JSON-ready values, per-class numbers keyed by class name."""
+  per_class = [{
+      'index': index,
+      'name': class_names[index] if index < len(class_names) else f'class{index}',
+      'pixel_count': int(summary['pixel_count'][index]),
+      'iou': _number(summary['per_class_iou'][index]),
+      'accuracy': _number(summary['per_class_accuracy'][index]),
+  } for index in range(len(summary['pixel_count']))]
+  return {
+      'workdir': str(workdir),
+      'split': split,
+      'data_dir': None if data_dir is None else str(pathlib.Path(data_dir).resolve()),
+      'checkpoint_step': int(step),
+      'num_examples': int(num_examples),
+      'pixel_accuracy': _number(summary['pixel_accuracy']),
+      'mean_iou': _number(summary['mean_iou']),
+      'mean_class_accuracy': _number(summary['mean_class_accuracy']),
+      'loss': _number(summary['loss']),
+      'per_class': per_class,
+      'class_names': [c['name'] for c in per_class],
+      # Rows are the true class, columns the predicted class.
+      'confusion_matrix': np.asarray(summary['confusion_matrix']).astype(int).tolist(),
+  }
+
+
+def _cell(value: float | None) -> str:
+  return '-' if value is None else f'{value:.4f}'
+
+
+def report_markdown(record: dict, has_examples: bool) -> str:
+  """A Markdown report: headline numbers, per-class table by frequency, figures."""
+  total = max(sum(c['pixel_count'] for c in record['per_class']), 1)
+  rows = sorted(record['per_class'], key=lambda c: -c['pixel_count'])
+  lines = [
+      f'# Evaluation: {record["split"]}, checkpoint step {record["checkpoint_step"]}',
+      '',
+      f'Workdir `{record["workdir"]}`, {record["num_examples"]} frames'
+      + (f' from `{record["data_dir"]}`.' if record['data_dir'] else '.'),
+      '',
+      '| metric | value |',
+      '|---|---|',
+      f'| pixel accuracy | {_cell(record["pixel_accuracy"])} |',
+      f'| mean IoU | {_cell(record["mean_iou"])} |',
+      f'| mean class accuracy | {_cell(record["mean_class_accuracy"])} |',
+      f'| loss | {_cell(record["loss"])} |',
+      '',
+      '## Per class, most frequent first',
+      '',
+      'Classes absent from both the truth and the prediction are left out.',
+      '',
+      '| class | pixels | share | IoU | accuracy |',
+      '|---|---:|---:|---:|---:|',
+  ]
+  for c in rows:
+    if c['pixel_count'] == 0 and c['iou'] is None:
+      continue
+    lines.append(f'| {c["name"]} | {c["pixel_count"]} | {100 * c["pixel_count"] / total:.2f}% '
+                 f'| {_cell(c["iou"])} | {_cell(c["accuracy"])} |')
+  lines += ['', '## Confusion matrix', '',
+            'Each row is a true class; the numbers are the percentage of its pixels given '
+            'to each predicted class.', '', '![confusion matrix](confusion.png)', '']
+  if has_examples:
+    lines += ['## Examples', '',
+              'Image, ground truth, prediction, and in red where they disagree.', '',
+              '![examples](examples.png)', '']
+  return '\n'.join(lines)
+
+
+def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / 'metrics.json').write_text(json.dumps(record, indent=2) + '\n')
+  visualize.confusion_figure(out_dir / 'confusion.png', np.asarray(record['confusion_matrix']),
+                             class_names=record['class_names'])
+  has_examples = bool(examples['images'])
+  if has_examples:
+    visualize.examples_figure(
+        out_dir / 'examples.png', examples['images'], examples['labels'],
+        examples['predictions'], scored=examples['scored'], class_names=record['class_names'],
+        titles=[f'{record["split"]} #{i}' for i in range(len(examples['images']))])
+  (out_dir / 'report.md').write_text(report_markdown(record, has_examples))
+
+
+def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
+                     data_dir: str | None = None, num_images: int = 8):
+  """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
+
+  Returns:
+    (summary, out_dir): `train.evaluate`'s summary plus 'step', and the
+    report folder `<workdir>/eval/<split>-<step>`.
+  """
+  mesh = train.create_mesh()
+  config, variables, step = checkpointing.restore_variables(
+      workdir, checkpoint, sharding=train.replicated(mesh))
+  data, split_name = load_split(config, mesh, split, data_dir, workdir)
+  model = models.unet_from_config(config.model)
+  summary = train.evaluate(train.compile_eval_step(config, mesh, model), variables, data)
+  summary['step'] = step
+  examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label)
+  out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}'
+  if jax.process_index() == 0:
+    record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
+                            num_examples=data.num_examples, data_dir=data_dir,
+                            class_names=classes.CLASS_NAMES)
+    write_report(out_dir, record, examples)
+    logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
+  return summary, out_dir
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so importing never clashes."""
+  flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
+  flags.DEFINE_string('split', 'validation', "'validation', 'test' or 'train'.")
+  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
+  flags.DEFINE_string('data_dir', None, 'A CARLA-format folder to evaluate instead of a split.')
+  flags.DEFINE_integer('num_images', 8, 'Frames shown in examples.png.')
+  flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
+                                      FLAGS.data_dir, FLAGS.num_images)
+  print(f'step {summary["step"]}: pixel accuracy {summary["pixel_accuracy"]:.4f}, '
+        f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '
+        f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
