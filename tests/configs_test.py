@@ -43,7 +43,7 @@ def test_config_trains_one_step_at_a_tiny_size(name):
   model = models.unet_from_config(config.model)
   learning_rate_fn = train.create_learning_rate_fn(config, 10)
   state = train.create_replicated_train_state(config, model, learning_rate_fn,
-                                              jax.random.key(0), mesh)
+                                              train.initial_keys(0)[0], mesh)
   step = train.compile_train_step(config, mesh, learning_rate_fn, class_weights=None)
   height, width = config.data.image_size
   label_size = models.output_size((height, width), config.model.depth, config.model.padding)

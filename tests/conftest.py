@@ -3,8 +3,14 @@ processes with XLA_FLAGS set, since the flag must be set before JAX starts."""
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests compile the same tiny programs; a persistent cache shared by the
+# test processes (and the subprocesses they start) compiles each only once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'unet_jax_test_xla_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # noqa: E402
 
@@ -18,3 +24,35 @@ def shared_carla_dir():
   if not (SHARED_CARLA / 'CameraRGB').is_dir():
     pytest.skip('real CARLA pairs (../shared/carla) are not present')
   return SHARED_CARLA
+
+
+def tiny_config(data_dir, **overrides):
+  """The tiny test config: depth-2 U-Net with 4 base filters on 32x32 scenes."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config('smoke')
+  config.data.data_dir = str(data_dir)
+  config.data.synthetic_scenes = 0
+  config.data.split_key = 'name'  # few frames: split frame by frame
+  config.data.validation_fraction = 0.25
+  config.data.test_fraction = 0.0
+  config.batch_size = 4
+  config.num_epochs = 2
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 3
+  config.model.dropout_rate = 0.3
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='session')
+def synthetic_dir(tmp_path_factory):
+  """24 small synthetic scenes in the CARLA on-disk format, shared by the session."""
+  from unet_jax import synthetic  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp('synthetic')
+  synthetic.write_scenes(path, 24, seed=0, size=(48, 64))
+  return path

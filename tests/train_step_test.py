@@ -93,7 +93,7 @@ def _setup(config):
   mesh = train.create_mesh()
   model = models.unet_from_config(config.model)
   lr = train.create_learning_rate_fn(config, 10)
-  state = train.create_replicated_train_state(config, model, lr, jax.random.key(0), mesh)
+  state = train.create_replicated_train_state(config, model, lr, train.initial_keys(0)[0], mesh)
   step = train.compile_train_step(config, mesh, lr, class_weights=None)
   return mesh, model, state, step
 

@@ -150,7 +150,9 @@ def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
   """Model variables of a workdir's checkpoint, for evaluation and prediction.
 
   Returns (config, variables, step); `variables` holds 'params' (and
-  'batch_stats' with batch norm), placed with `sharding` if given.
+  'batch_stats' with batch norm), placed with `sharding`, by default
+  replicated over every device here (whatever devices the checkpoint was
+  written from).
   """
   from unet_jax import train  # pylint: disable=g-import-not-at-top
   from unet_jax import models  # pylint: disable=g-import-not-at-top
@@ -161,10 +163,9 @@ def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
   learning_rate_fn = train.create_learning_rate_fn(config, 1)
   template = jax.eval_shape(lambda: train.create_train_state(
       config, model, learning_rate_fn, jax.random.key(0)))
-  template = _arrays(template)
-  if sharding is not None:
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            template)
+  sharding = sharding or train.replicated(train.create_mesh())
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          _arrays(template))
   arrays = _restore_arrays(manager, step, template)
   manager.close()
   variables = {'params': arrays['params']}

@@ -155,6 +155,17 @@ def create_replicated_train_state(config, model, learning_rate_fn, key, mesh) ->
   return jax.jit(create, out_shardings=replicated(mesh))(key)
 
 
+def initial_keys(seed: int):
+  """(parameter-initialisation key, dropout base key) for a seed.
+
+  Initialisation uses XLA's RngBitGenerator: with threefry, compiling the
+  U-Net's 26 initialisers takes about 20 s on a 2-core CPU against 2 s. It
+  runs once, replicated. Dropout keeps threefry, whose bits do not depend on
+  how the batch is sharded, so 1 and 8 devices train identically.
+  """
+  return jax.random.key(seed, impl='rbg'), jax.random.key(seed)
+
+
 def model_variables(state: TrainState) -> dict:
   variables = {'params': state.params}
   if state.batch_stats is not None:
@@ -328,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   model = models.unet_from_config(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+  init_key, dropout_key = initial_keys(config.seed)
   state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh)
 
   checkpoints = checkpointing.create_manager(workdir, config)
