@@ -42,8 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Splits by a stable hash of a group key: 'recording' (first three digits of
   # the frame name; CARLA recordings) or 'name' (each frame on its own).
   config.data.split_key = 'recording'
-  config.data.validation_fraction = 0.15
-  config.data.test_fraction = 0.15
+  config.data.validation_fraction = 0.2
+  config.data.test_fraction = 0.2
   config.data.skip_bad_pairs = False  # True: warn once and skip unreadable pairs
   # Keep the preprocessed split on the devices and form batches there:
   # 'auto' (if it fits in device_cache_max_mb), 'always' or 'never'.
