@@ -44,14 +44,20 @@ def check_workdir(workdir: str) -> None:
                        f'need at least {MIN_FREE_BYTES / 2**20:.0f} MiB')
 
 
-def create_manager(workdir: str, config) -> ocp.CheckpointManager:
+def create_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoints; read-only for evaluation and prediction, which
+  may run beside a training that is writing into the same folder."""
   preservation = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(config.max_to_keep),
       checkpoint_managers.BestN(get_metric_fn=lambda m: m['mean_iou'], n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
+  # A process killed mid-write leaves a temporary folder; it is never read as a
+  # checkpoint, and the next run removes it.
   options = ocp.CheckpointManagerOptions(preservation_policy=preservation,
-                                         enable_async_checkpointing=True)
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=not read_only,
+                                         read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
                                options=options)
 
@@ -157,7 +163,7 @@ def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
   from unet_jax import train  # pylint: disable=g-import-not-at-top
   from unet_jax import models  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  manager = create_manager(workdir, config)
+  manager = create_manager(workdir, config, read_only=True)
   step = select_step(manager, checkpoint, workdir)
   model = models.unet_from_config(config.model)
   learning_rate_fn = train.create_learning_rate_fn(config, 1)

@@ -291,18 +291,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _summarize_train(history: list[dict]) -> dict:
-  history = jax.device_get(history)
-  correct = sum(float(h['correct_pixels']) for h in history)
-  labelled = sum(float(h['labelled_pixels']) for h in history)
-  return {
-      'train_loss': float(np.mean([h['loss'] for h in history])),
-      'train_pixel_accuracy': correct / max(labelled, 1.0),
-      'grad_norm': float(np.mean([h['grad_norm'] for h in history])),
-      'learning_rate': float(history[-1]['learning_rate']),
-  }
-
-
 def _eval_scalars(split: str, summary: dict) -> dict:
   scalars = {f'{split}_{k}': summary[k]
              for k in ('loss', 'pixel_accuracy', 'mean_iou', 'mean_class_accuracy')}
@@ -360,65 +348,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_eval: dict = {}
   history: list[dict] = []
   step = start_step
-  timer_start, timer_step = time.perf_counter(), step
-  with _StopRequest() as stop:
-    for epoch in range(start_step // steps_per_epoch, int(config.num_epochs)):
-      first = step - epoch * steps_per_epoch
-      progress = metric_logging.Progress(f'epoch {epoch + 1}/{config.num_epochs}',
-                                         total=steps_per_epoch, initial=first,
-                                         enabled=jax.process_index() == 0)
-      for batch in train_data.train_batches(epoch, first_step=first):
-        state, step_metrics = p_train_step(state, batch, dropout_key)
-        history.append(step_metrics)
-        step += 1
-        progress.update()
-        stopping = _should_stop(stop, step, stop_at_step, config)
-        # Log steps are the only host syncs; checkpoints and epoch ends are log
-        # steps too, so a non-finite loss is caught before any save.
-        if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
-            or step % steps_per_epoch == 0 or stopping):
-          scalars = _summarize_train(history)
-          history = []
-          if not math.isfinite(scalars['train_loss']):
-            raise NonFiniteLossError(
-                f'the training loss became {scalars["train_loss"]} by step {step}; the last '
-                f'checkpoint (step {checkpoints.latest_step()}) is kept as the latest.')
-          elapsed = time.perf_counter() - timer_start
-          scalars['steps_per_second'] = (step - timer_step) / max(elapsed, 1e-9)
-          scalars['images_per_second'] = scalars['steps_per_second'] * config.batch_size
-          scalars['epoch'] = step / steps_per_epoch
-          writer.write(step, scalars)
-          progress.set_postfix(loss=scalars['train_loss'],
-                               acc=scalars['train_pixel_accuracy'])
-          timer_start, timer_step = time.perf_counter(), step
-        if step % config.checkpoint_every_steps == 0 or stopping:
-          checkpointing.save(checkpoints, step, state)
-        if stopping:
-          progress.close()
-          checkpoints.wait_until_finished()
-          reason = stop.signal_name or f'stop_at_step={stop_at_step}'
-          logging.info('Stopped at step %d (%s); checkpoint saved.', step, reason)
-          writer.close()
-          return {**last_eval, 'step': step, 'stopped': True}
-      progress.close()
+  timer = (time.perf_counter(), step)
+  try:
+    with _StopRequest() as stop:
+      for epoch in range(start_step // steps_per_epoch, int(config.num_epochs)):
+        first = step - epoch * steps_per_epoch
+        progress = metric_logging.Progress(f'epoch {epoch + 1}/{config.num_epochs}',
+                                           total=steps_per_epoch, initial=first,
+                                           enabled=jax.process_index() == 0)
+        for batch in train_data.train_batches(epoch, first_step=first):
+          state, step_metrics = p_train_step(state, batch, dropout_key)
+          history.append(step_metrics)
+          step += 1
+          progress.update()
+          stopping = _should_stop(stop, step, stop_at_step, config)
+          # Log steps are the only host syncs. Checkpoint steps and epoch ends
+          # are log steps too, so a non-finite loss is caught before any save.
+          if (step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0
+              or step % steps_per_epoch == 0 or stopping):
+            scalars = _log_train_metrics(writer, history, step, timer, config, steps_per_epoch,
+                                         checkpoints.latest_step())
+            progress.set_postfix(loss=scalars['train_loss'],
+                                 acc=scalars['train_pixel_accuracy'])
+            history, timer = [], (time.perf_counter(), step)
+          if step % config.checkpoint_every_steps == 0 or stopping:
+            checkpointing.save(checkpoints, step, state)
+          if stopping:
+            progress.close()
+            reason = stop.signal_name or f'stop_at_step={stop_at_step}'
+            logging.info('Stopped at step %d (%s); checkpoint saved.', step, reason)
+            return {**last_eval, 'step': step, 'stopped': True}
+        progress.close()
 
-      end_of_epoch = epoch + 1
-      if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
-        last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
-        writer.write(step, {**_eval_scalars(config.eval_split, last_eval), 'epoch': end_of_epoch})
-        checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
-        logging.info('epoch %d: %s pixel accuracy %.4f, mean IoU %.4f', end_of_epoch,
-                     config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
+        end_of_epoch = epoch + 1
+        if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
+          last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
+          writer.write(step, {**_eval_scalars(config.eval_split, last_eval),
+                              'epoch': end_of_epoch})
+          checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
+          logging.info('epoch %d: %s pixel accuracy %.4f, mean IoU %.4f', end_of_epoch,
+                       config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
 
-  if not last_eval:  # a finished run started again: nothing trained, report only
-    last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
-  checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
-  checkpoints.wait_until_finished()
+    if not last_eval:  # a finished run started again: nothing trained, report only
+      last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
+    checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
+  finally:
+    # Whatever ends the run, the checkpoints already started are completed.
+    checkpoints.wait_until_finished()
+    writer.close()
   if jax.process_index() == 0:
     logging.info('Final %s metrics at step %d:\n%s', config.eval_split, step,
                  metric_logging.per_class_table(last_eval))
-  writer.close()
   return {**last_eval, 'step': step}
+
+
+def _log_train_metrics(writer, history, step, timer, config, steps_per_epoch,
+                       latest_checkpoint) -> dict:
+  """Summarises the steps since the last log step; raises on a non-finite loss."""
+  history = jax.device_get(history)
+  first_step = step - len(history) + 1
+  for offset, step_metrics in enumerate(history):
+    if not np.isfinite(step_metrics['loss']):
+      raise NonFiniteLossError(
+          f'the training loss became {float(step_metrics["loss"])} at step '
+          f'{first_step + offset}; training stopped, and the last checkpoint (step '
+          f'{latest_checkpoint}) stays the latest.')
+  correct = sum(float(h['correct_pixels']) for h in history)
+  labelled = sum(float(h['labelled_pixels']) for h in history)
+  steps_per_second = (step - timer[1]) / max(time.perf_counter() - timer[0], 1e-9)
+  scalars = {
+      'train_loss': float(np.mean([h['loss'] for h in history])),
+      'train_pixel_accuracy': correct / max(labelled, 1.0),
+      'grad_norm': float(np.mean([h['grad_norm'] for h in history])),
+      'learning_rate': float(history[-1]['learning_rate']),
+      'steps_per_second': steps_per_second,
+      'images_per_second': steps_per_second * config.batch_size,
+      'epoch': step / steps_per_epoch,
+  }
+  writer.write(step, scalars)
+  return scalars
 
 
 def _should_stop(stop: _StopRequest, step: int, stop_at_step: int | None, config) -> bool:
