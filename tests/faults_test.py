@@ -33,10 +33,19 @@ def _command(data_dir, workdir):
 
 
 def _start(data_dir, workdir):
+  """Starts training; its output goes to a file beside the workdir (a pipe
+  nobody reads would fill up and block the process)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.Popen(_command(data_dir, workdir), cwd=REPO, env=env, text=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          start_new_session=True)
+  log = open(f'{workdir}.log', 'a')  # pylint: disable=consider-using-with
+  process = subprocess.Popen(_command(data_dir, workdir), cwd=REPO, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  process.log_path = log.name
+  log.close()
+  return process
+
+
+def _output(process):
+  return pathlib.Path(process.log_path).read_text()[-3000:]
 
 
 def _params(workdir):
@@ -72,7 +81,7 @@ def _logged_steps(workdir):
 def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(synthetic_dir, tmp_path):
   straight = subprocess.run(_command(synthetic_dir, tmp_path / 'straight'), cwd=REPO,
                             env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=300)
   assert straight.returncode == 0, straight.stderr[-3000:]
 
   workdir = tmp_path / 'killed'
@@ -94,10 +103,10 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(synthetic
       if _kill_when(process, condition):
         kills.append(moment)
       else:
-        assert process.returncode == 0, process.stderr.read()[-3000:]
+        assert process.returncode == 0, _output(process)
     final = _start(synthetic_dir, workdir)
     processes.append(final)
-    assert final.wait(timeout=600) == 0, final.stderr.read()[-3000:]
+    assert final.wait(timeout=300) == 0, _output(final)
   finally:
     for process in processes:
       if process.poll() is None:
@@ -200,7 +209,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(synthetic_dir, tm
       time.sleep(0.01)
     assert process.poll() is None, 'training ended before the signal was sent'
     process.send_signal(signum)
-    assert process.wait(timeout=120) == 0, process.stderr.read()[-3000:]
+    assert process.wait(timeout=120) == 0, _output(process)
   finally:
     if process.poll() is None:
       os.killpg(process.pid, signal.SIGKILL)
