@@ -19,8 +19,15 @@ $(INSTALLED): pyproject.toml constraints.txt
 test: $(INSTALLED)
 	$(PY) -m pytest -n $(WORKERS) -q tests
 
+# Train on synthetic scenes, evaluate on the validation split and on frames the
+# model never saw (a new seed), and predict those frames' images.
 demo: $(INSTALLED)
 	$(PY) -m unet_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+	$(PY) -m unet_jax.evaluate --workdir=runs/synthetic --split=validation
+	$(PY) -m unet_jax.synthetic --output=runs/synthetic/unseen_frames --num_scenes=4 --seed=1
+	$(PY) -m unet_jax.evaluate --workdir=runs/synthetic --data_dir=runs/synthetic/unseen_frames
+	$(PY) -m unet_jax.predict --workdir=runs/synthetic --input=runs/synthetic/unseen_frames/CameraRGB \
+		--output=runs/synthetic/predictions
 
 # PyTorch CPU build for the peer benchmark (an unpinned torch pulls CUDA packages).
 peer: $(INSTALLED)

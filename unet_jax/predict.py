@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import dataclasses
 import os
 import pathlib
-import tempfile
+import secrets
 import time
 
 from absl import app
@@ -94,20 +94,23 @@ def check_output_dir(output_dir: str | os.PathLike,
 def write_inside(output_dir: pathlib.Path, file_name: str, data: bytes) -> pathlib.Path:
   """Writes `data` to output_dir/file_name and nowhere else.
 
-  The bytes go to a temporary file in output_dir that is then renamed over
-  the target: a rename replaces a link at the target instead of following
-  it, so an existing link cannot redirect the write outside output_dir.
+  The bytes go to a new temporary file in output_dir (O_EXCL: never an
+  existing file or link) that is then renamed over the target. A rename
+  replaces a link at the target instead of following it, so an existing link
+  cannot redirect the write outside output_dir.
   """
   target = output_dir / file_name
   if pathlib.Path(file_name).name != file_name or target.parent != output_dir:
     raise ValueError(f'{file_name!r} is not a plain file name')
-  with tempfile.NamedTemporaryFile(dir=output_dir, prefix=f'.{file_name}.', suffix='.tmp',
-                                   delete=False) as temporary:
-    temporary.write(data)
+  temporary = output_dir / f'.{file_name}.{secrets.token_hex(6)}.tmp'
+  # Mode 0o666 less the umask, like any file the user creates.
+  descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
-    os.replace(temporary.name, target)
-  except OSError:
-    os.unlink(temporary.name)
+    with os.fdopen(descriptor, 'wb') as f:
+      f.write(data)
+    os.replace(temporary, target)
+  except BaseException:
+    temporary.unlink(missing_ok=True)
     raise
   return target
 
@@ -277,7 +280,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
   paths = list_inputs(input_path)
   output = check_output_dir(output_dir, paths)
   output.mkdir(parents=True, exist_ok=True)
-  # Each process predicts its own files: the mesh spans only its own devices.
+  # One process on all of its own devices: prediction needs no other host.
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
   config, variables, step = checkpointing.restore_variables(
       workdir, checkpoint, sharding=train.replicated(mesh))
@@ -343,10 +346,7 @@ def define_flags() -> None:
   """The command's flags, defined only when it runs, so importing never clashes."""
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
   flags.DEFINE_string('input', None, 'A PNG image or a folder of them.')
-  # allow_override: unet_jax.synthetic, which the input pipeline imports,
-  # defines an --output of its own for its script.
-  flags.DEFINE_string('output', None, 'Folder for the predictions (not containing inputs).',
-                      allow_override=True)
+  flags.DEFINE_string('output', None, 'Folder for the predictions (not containing inputs).')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_enum('mode', 'resize', MODES,
                     'resize: to the training size and back; tile: native resolution.')
