@@ -327,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   model = models.unet_from_config(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  init_key, dropout_key = initial_keys(config.seed)
+  init_key, _ = initial_keys(config.seed)
   state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh)
 
   checkpoints = checkpointing.create_manager(workdir, config)
@@ -339,7 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
   p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
   p_eval_step = compile_eval_step(config, mesh, model)
-  dropout_key = jax.device_put(dropout_key, replicated(mesh))
+  # Made under jit: device_put cannot place a host value on other processes' devices.
+  dropout_key = jax.jit(lambda: initial_keys(config.seed)[1], out_shardings=replicated(mesh))()
 
   writer = metric_logging.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                        resume_step=start_step)
