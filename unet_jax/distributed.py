@@ -3,46 +3,82 @@
 Every process runs the same command. The coordinator address, the number of
 processes and this process's id come from the arguments, or from the
 environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`),
-or, on SLURM and Cloud TPU pods, from JAX's own cluster detection.
+or, on SLURM and Cloud TPU, from JAX's own cluster detection.
+
+It must run before anything touches a JAX device: the runtime has to know the
+other processes before the backends start.
 """
 
+from collections.abc import Mapping
 import os
 
 from absl import logging
 import jax
 
+MODES = ('auto', 'on', 'off')
+# What JAX's SLURM detection reads (jax._src.clusters.slurm_cluster).
+_SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+                         'SLURM_LOCALID')
 
-def cluster_requested() -> bool:
-  """Whether the environment names a multi-process job."""
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+
+def in_slurm_job_step(environ: Mapping[str, str]) -> bool:
+  """A job step of several tasks started by srun (a batch script itself is one task)."""
+  return (all(name in environ for name in _SLURM_STEP_VARIABLES)
+          and int(environ['SLURM_NTASKS']) > 1)
+
+
+def cluster_requested(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether the environment names a multi-process job.
+
+  A Cloud TPU VM describes its slice through the metadata server rather than
+  the environment; there `config.distributed='on'` asks JAX to look.
+  """
+  if environ.get('JAX_COORDINATOR_ADDRESS'):
     return True
-  if int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ:
+  if in_slurm_job_step(environ):
     return True
-  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '') or ',' in os.environ.get(
-      'TPU_PROCESS_ADDRESSES', '')
+  tpu_hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get('TPU_WORKER_HOSTNAMES') or ''
+  return ',' in tpu_hosts or bool(environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
+
+
+def slurm_local_device_ids(environ: Mapping[str, str] = os.environ) -> list[int] | None:
+  """Every GPU of the node when srun starts one task per node; otherwise None.
+
+  JAX's SLURM detection gives task i of a node only GPU i, which suits one
+  task per GPU but would leave all GPUs but the first idle with one task per
+  node. `JAX_LOCAL_DEVICE_IDS`, when set, decides instead.
+  """
+  if not in_slurm_job_step(environ) or environ.get('JAX_LOCAL_DEVICE_IDS'):
+    return None
+  gpus = int(environ.get('SLURM_GPUS_ON_NODE') or 0)
+  nodes = int(environ.get('SLURM_STEP_NUM_NODES') or 0)
+  if gpus > 1 and nodes == int(environ['SLURM_NTASKS']):
+    return list(range(gpus))
+  return None
 
 
 def initialize(mode: str = 'auto', coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None) -> bool:
   """Starts the multi-process runtime; returns whether it was started.
 
-  mode: 'off' never, 'on' always (arguments, environment or cluster detection
-  must then say how), 'auto' when arguments or the environment ask for it.
+  mode: 'off' never, 'on' always (arguments, environment or JAX's cluster
+  detection must then say how), 'auto' when the arguments or the environment
+  ask for it.
   """
-  if mode not in ('auto', 'on', 'off'):
-    raise ValueError(f"distributed must be 'auto', 'on' or 'off', got {mode!r}")
-  explicit = coordinator_address is not None
-  if mode == 'off' or (mode == 'auto' and not explicit and not cluster_requested()):
+  if mode not in MODES:
+    raise ValueError(f'distributed must be one of {MODES}, got {mode!r}')
+  if mode == 'off' or (mode == 'auto' and coordinator_address is None
+                       and not cluster_requested()):
     return False
-  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if num_processes is None and 'JAX_NUM_PROCESSES' in os.environ:
+  if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
     num_processes = int(os.environ['JAX_NUM_PROCESSES'])
-  if process_id is None and 'JAX_PROCESS_ID' in os.environ:
+  if process_id is None and os.environ.get('JAX_PROCESS_ID'):
     process_id = int(os.environ['JAX_PROCESS_ID'])
-  if jax.config.jax_platforms in (None, '', 'cpu') or os.environ.get('JAX_PLATFORMS') == 'cpu':
-    # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Collectives between processes on CPU devices (tests, CPU clusters) need an
+  # implementation; gloo ships with jaxlib. GPU and TPU devices ignore it.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=slurm_local_device_ids())
   logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
   return True

@@ -1,0 +1,164 @@
+"""Multi-process training through jax.distributed, on one machine.
+
+Two processes on 127.0.0.1 (CPU devices, gloo collectives), each with 2
+devices, train the tiny config on one global mesh of 4 devices; one process
+with 4 devices trains the same config on the same data. Both must end with
+the same parameters and evaluation metrics, and the two-process checkpoint
+must restore in a single process. Every process runs in its own session and
+is killed with its group whatever the outcome, so none outlives the test.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from unet_jax import checkpointing
+from unet_jax import distributed
+
+RUN_TIMEOUT_S = 300
+NUM_EPOCHS = 2
+
+# The CLI form of conftest.tiny_config.
+TINY_CONFIG_FLAGS = (
+    '--config=configs/synthetic.py:smoke', '--config.data.synthetic_scenes=0',
+    '--config.data.split_key=name', '--config.data.validation_fraction=0.25',
+    '--config.data.test_fraction=0.0', '--config.batch_size=4',
+    f'--config.num_epochs={NUM_EPOCHS}', '--config.log_every_steps=2',
+    '--config.checkpoint_every_steps=3', '--config.model.dropout_rate=0.3')
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _train(data_dir, workdir, *, num_processes: int, devices_per_process: int,
+           extra_flags=()) -> list[str]:
+  """Runs `unet_jax.main` in `num_processes` processes; returns their logs."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+  command = [sys.executable, '-m', 'unet_jax.main', f'--workdir={workdir}', *TINY_CONFIG_FLAGS,
+             f'--config.data.data_dir={data_dir}', *extra_flags]
+  if num_processes > 1:
+    command += [f'--coordinator_address=127.0.0.1:{_free_port()}',
+                f'--num_processes={num_processes}']
+  log_paths = [pathlib.Path(f'{workdir}.process{i}.log') for i in range(num_processes)]
+  processes = []
+  try:
+    for process_id, log_path in enumerate(log_paths):
+      with log_path.open('w') as log:  # a file, not a pipe: nobody must read it for progress
+        id_flag = [f'--process_id={process_id}'] if num_processes > 1 else []
+        processes.append(subprocess.Popen(command + id_flag, cwd=REPO, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    # One failed process leaves the others waiting in collectives: stop at the first failure.
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+      if any(p.poll() not in (None, 0) for p in processes):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in processes:  # the whole group, so that no child of a process outlives it either
+      try:
+        os.killpg(p.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      p.wait()
+  logs = [path.read_text() for path in log_paths]
+  for process_id, (p, log) in enumerate(zip(processes, logs)):
+    outcome = 'was killed' if p.returncode == -signal.SIGKILL else f'exited with {p.returncode}'
+    assert p.returncode == 0, (f'process {process_id} {outcome} (limit {RUN_TIMEOUT_S} s, or '
+                               f'another process failed):\n{log[-4000:]}')
+  return logs
+
+
+def _metric_lines(workdir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
+
+
+def _restored_params(workdir) -> tuple[int, np.ndarray]:
+  _, variables, step = checkpointing.restore_variables(str(workdir), 'latest')
+  return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
+
+
+@pytest.fixture(scope='module')
+def one_process_run(synthetic_dir, tmp_path_factory):
+  """The reference: one process with 4 devices (device-cache mode)."""
+  workdir = tmp_path_factory.mktemp('multihost') / 'one_process'
+  _train(synthetic_dir, workdir, num_processes=1, devices_per_process=4)
+  return workdir
+
+
+# Tiny splits: 'auto' keeps them on the devices; 'never' streams them, each
+# process decoding only its own half of every global batch.
+@pytest.mark.parametrize('device_cache', ['auto', 'never'])
+def test_two_processes_train_like_one_process_with_the_same_devices(
+    synthetic_dir, one_process_run, tmp_path, device_cache):
+  workdir = tmp_path / 'two_processes'
+  logs = _train(synthetic_dir, workdir, num_processes=2, devices_per_process=2,
+                extra_flags=[f'--config.data.device_cache={device_cache}'])
+  for process_id, log in enumerate(logs):
+    assert f'jax.distributed: process {process_id} of 2' in log
+
+  # The two-process checkpoint restores here, in one process, and equals the reference.
+  step_2, params_2 = _restored_params(workdir)
+  step_1, params_1 = _restored_params(one_process_run)
+  assert step_2 == step_1 > 0
+  np.testing.assert_allclose(params_2, params_1, rtol=0, atol=1e-5)
+
+  # Only process 0 wrote logs: each line once, one event file, one config.
+  lines_2, lines_1 = _metric_lines(workdir), _metric_lines(one_process_run)
+  assert [sorted(line) for line in lines_2] == [sorted(line) for line in lines_1]
+  assert [line['step'] for line in lines_2] == [line['step'] for line in lines_1]
+  assert len(list((workdir / 'tensorboard').glob('events.out.tfevents.*'))) == 1
+  assert checkpointing.load_config(str(workdir)).data.device_cache == device_cache
+  assert 'Final validation metrics' in logs[0] and 'Final validation metrics' not in logs[1]
+
+  # Evaluation covers the whole split over both processes: the same metrics.
+  evals_2 = [line for line in lines_2 if 'validation_mean_iou' in line]
+  evals_1 = [line for line in lines_1 if 'validation_mean_iou' in line]
+  assert len(evals_2) == len(evals_1) == NUM_EPOCHS
+  for eval_2, eval_1 in zip(evals_2, evals_1):
+    for name in ('validation_loss', 'validation_pixel_accuracy', 'validation_mean_iou',
+                 'validation_mean_class_accuracy'):
+      assert eval_2[name] == pytest.approx(eval_1[name], rel=1e-5, abs=1e-6), name
+  train_2 = [line['train_loss'] for line in lines_2 if 'train_loss' in line]
+  train_1 = [line['train_loss'] for line in lines_1 if 'train_loss' in line]
+  np.testing.assert_allclose(train_2, train_1, rtol=1e-5)
+
+
+def test_auto_mode_starts_only_when_the_environment_names_a_cluster():
+  assert not distributed.cluster_requested({})
+  assert distributed.cluster_requested({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'})
+  srun = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'gpu[1-2]', 'SLURM_NTASKS': '2',
+          'SLURM_PROCID': '0', 'SLURM_LOCALID': '0', 'SLURM_STEP_NUM_NODES': '2'}
+  assert distributed.cluster_requested(srun)
+  assert not distributed.cluster_requested({**srun, 'SLURM_NTASKS': '1'})  # a single task
+  assert not distributed.cluster_requested({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2'})  # batch
+  assert distributed.cluster_requested({'TPU_WORKER_HOSTNAMES': 'w-0,w-1'})
+  assert not distributed.cluster_requested({'TPU_WORKER_HOSTNAMES': 'w-0'})
+  with pytest.raises(ValueError, match='distributed must be one of'):
+    distributed.initialize('yes')
+  assert not distributed.initialize('off', coordinator_address='127.0.0.1:1')
+
+
+def test_one_slurm_task_per_node_gets_every_gpu_of_its_node():
+  per_node = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'gpu[1-2]', 'SLURM_NTASKS': '2',
+              'SLURM_PROCID': '1', 'SLURM_LOCALID': '0', 'SLURM_STEP_NUM_NODES': '2',
+              'SLURM_GPUS_ON_NODE': '4'}
+  assert distributed.slurm_local_device_ids(per_node) == [0, 1, 2, 3]
+  # One task per GPU: JAX's own choice (task i of a node gets GPU i) stands.
+  assert distributed.slurm_local_device_ids({**per_node, 'SLURM_NTASKS': '8'}) is None
+  assert distributed.slurm_local_device_ids({**per_node, 'JAX_LOCAL_DEVICE_IDS': '0'}) is None
+  assert distributed.slurm_local_device_ids({**per_node, 'SLURM_GPUS_ON_NODE': '1'}) is None
+  assert distributed.slurm_local_device_ids({}) is None
