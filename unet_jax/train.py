@@ -376,7 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             checkpointing.save(checkpoints, step, state)
           if stopping:
             progress.close()
-            reason = stop.signal_name or (f'stop_at_step={stop_at_step}' if stop_at_step
+            at_limit = stop_at_step is not None and step >= stop_at_step
+            reason = stop.signal_name or (f'stop_at_step={stop_at_step}' if at_limit
                                           else 'a signal to another process')
             logging.info('Stopped at step %d (%s); checkpoint saved.', step, reason)
             return {**last_eval, 'step': step, 'stopped': True}
