@@ -4,13 +4,16 @@ Two processes on 127.0.0.1 (CPU devices, gloo collectives), each with 2
 devices, train the tiny config on one global mesh of 4 devices; one process
 with 4 devices trains the same config on the same data. Both must end with
 the same parameters and evaluation metrics, and the two-process checkpoint
-must restore in a single process. Every process runs in its own session and
-is killed with its group whatever the outcome, so none outlives the test.
+must restore in a single process. SIGTERM to one process stops both at the
+same step with a checkpoint. Every process runs in its own session and is
+killed with its group whatever the outcome, so none outlives the test.
 """
 
+import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -43,9 +46,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train(data_dir, workdir, *, num_processes: int, devices_per_process: int,
-           extra_flags=()) -> list[str]:
-  """Runs `unet_jax.main` in `num_processes` processes; returns their logs."""
+@contextlib.contextmanager
+def _started(data_dir, workdir, *, num_processes: int, devices_per_process: int,
+             extra_flags=()):
+  """Runs `unet_jax.main` in `num_processes` processes, each in its own session.
+
+  Yields the processes and their log files; on exit, whatever happened,
+  kills every process group, so that nothing outlives the test.
+  """
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
   command = [sys.executable, '-m', 'unet_jax.main', f'--workdir={workdir}', *TINY_CONFIG_FLAGS,
@@ -61,12 +69,7 @@ def _train(data_dir, workdir, *, num_processes: int, devices_per_process: int,
         id_flag = [f'--process_id={process_id}'] if num_processes > 1 else []
         processes.append(subprocess.Popen(command + id_flag, cwd=REPO, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    # One failed process leaves the others waiting in collectives: stop at the first failure.
-    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-      if any(p.poll() not in (None, 0) for p in processes):
-        break
-      time.sleep(0.2)
+    yield processes, log_paths
   finally:
     for p in processes:  # the whole group, so that no child of a process outlives it either
       try:
@@ -74,12 +77,26 @@ def _train(data_dir, workdir, *, num_processes: int, devices_per_process: int,
       except ProcessLookupError:
         pass
       p.wait()
+
+
+def _finished(processes, log_paths, deadline: float) -> list[str]:
+  """Waits for every process to exit 0 (or fails); returns their logs."""
+  # One failed process leaves the others waiting in collectives: stop at the first failure.
+  while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+    if any(p.poll() not in (None, 0) for p in processes):
+      break
+    time.sleep(0.2)
   logs = [path.read_text() for path in log_paths]
   for process_id, (p, log) in enumerate(zip(processes, logs)):
-    outcome = 'was killed' if p.returncode == -signal.SIGKILL else f'exited with {p.returncode}'
+    outcome = 'is still running' if p.poll() is None else f'exited with {p.returncode}'
     assert p.returncode == 0, (f'process {process_id} {outcome} (limit {RUN_TIMEOUT_S} s, or '
                                f'another process failed):\n{log[-4000:]}')
   return logs
+
+
+def _train(data_dir, workdir, **launch) -> list[str]:
+  with _started(data_dir, workdir, **launch) as (processes, log_paths):
+    return _finished(processes, log_paths, time.monotonic() + RUN_TIMEOUT_S)
 
 
 def _metric_lines(workdir) -> list[dict]:
@@ -135,6 +152,26 @@ def test_two_processes_train_like_one_process_with_the_same_devices(
   train_2 = [line['train_loss'] for line in lines_2 if 'train_loss' in line]
   train_1 = [line['train_loss'] for line in lines_1 if 'train_loss' in line]
   np.testing.assert_allclose(train_2, train_1, rtol=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(synthetic_dir, tmp_path):
+  workdir = tmp_path / 'preempted'
+  deadline = time.monotonic() + RUN_TIMEOUT_S
+  with _started(synthetic_dir, workdir, num_processes=2, devices_per_process=2,
+                extra_flags=['--config.num_epochs=1000']) as (processes, log_paths):
+    metrics = workdir / 'metrics.jsonl'
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+      assert all(p.poll() is None for p in processes), log_paths[0].read_text()[-4000:]
+      time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)  # a preemption of process 1 alone
+    logs = _finished(processes, log_paths, deadline)
+  stops = [re.search(r'Stopped at step (\d+) \((.+?)\)', log) for log in logs]
+  assert all(stops), 'a process did not report its stop'
+  assert [stop.group(2) for stop in stops] == ['a signal to another process', 'SIGTERM']
+  step = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == step and step % 2 == 0  # agreed at a log step
+  assert checkpointing.create_manager(str(workdir), checkpointing.load_config(str(workdir)),
+                                      read_only=True).latest_step() == step
 
 
 def test_auto_mode_starts_only_when_the_environment_names_a_cluster():
