@@ -10,7 +10,11 @@ from configs import carla
 
 
 def get_config(arg: str | None = None):
-  config = carla.get_config()
+  config = carla.get_config(arg)  # 'smoke': carla's tiny model and images
+  if arg == 'smoke':
+    config.data.data_dir = 'data/synthetic_smoke'
+    config.data.synthetic_scenes = 24
+    return config
   config.data.data_dir = 'data/synthetic'
   config.data.synthetic_scenes = 480
   config.data.image_size = (64, 96)
@@ -18,14 +22,4 @@ def get_config(arg: str | None = None):
   config.batch_size = 16
   config.num_epochs = 6
   config.checkpoint_every_steps = 50
-  if arg == 'smoke':
-    config.data.data_dir = 'data/synthetic_smoke'
-    config.data.synthetic_scenes = 24
-    config.data.image_size = (32, 32)
-    config.model.base_filters = 4
-    config.model.depth = 2
-    config.batch_size = 4
-    config.num_epochs = 1
-  elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; known: smoke')
   return config
