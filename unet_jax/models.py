@@ -127,6 +127,22 @@ class UpConv2x2(nn.Module):
     return y + bias
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2 of an NHWC array with even height and width.
+
+  The same function as `nn.max_pool(x, (2, 2), strides=(2, 2))`, written as a
+  reshape and a max so that its gradient is an equality mask instead of
+  XLA's select-and-scatter: on a 2-core CPU the forward + backward pass at
+  32x96x128x32 took 44 ms against 331 ms. Where a window holds tied maxima
+  the mask shares the gradient between them (select-and-scatter gives it all
+  to the first); in the U-Net ties are zeros from the ReLU in front, whose
+  gradient is zero either way, so the network's gradients are the same
+  (tested).
+  """
+  batch, height, width, channels = x.shape
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 class ConvBlock(nn.Module):
   """Two 3x3 convolutions, each followed by (optional batch norm and) ReLU."""
   features: int
@@ -193,7 +209,7 @@ class UNet(nn.Module):
       if self.dropout_rate and level >= first_dropout_level:
         x = dropout(x)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
 
     x = block(self.base_filters * 2**self.depth, name='bottleneck')(x, train=train)
     if self.dropout_rate and self.depth >= first_dropout_level:
