@@ -62,7 +62,7 @@ def create_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpo
                                options=options)
 
 
-def _arrays(state) -> dict:
+def state_arrays(state) -> dict:
   return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
           'batch_stats': state.batch_stats}
 
@@ -72,11 +72,11 @@ def save(manager: ocp.CheckpointManager, step: int, state, mean_iou: float | Non
   if step in manager.all_steps():
     return
   metrics = None if mean_iou is None else {'mean_iou': float(mean_iou)}
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state))),
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_arrays(state))),
                metrics=metrics)
 
 
-def _restore_arrays(manager, step: int, template: dict) -> dict:
+def restore_arrays(manager, step: int, template: dict) -> dict:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
@@ -91,7 +91,7 @@ def restore_or_keep(manager: ocp.CheckpointManager, state, config, workdir: str)
   if saved is not None:
     check_same_model(saved, config, workdir)
   try:
-    arrays = _restore_arrays(manager, step, _arrays(state))
+    arrays = restore_arrays(manager, step, state_arrays(state))
   except (ValueError, KeyError, TypeError) as error:
     raise WorkdirError(f'checkpoint {step} in {workdir} does not match the model of this '
                        f'config: {error}') from error
@@ -150,31 +150,3 @@ def select_step(manager: ocp.CheckpointManager, checkpoint: str, workdir: str) -
   if step not in steps:
     raise WorkdirError(f'{workdir} has no checkpoint at step {step}; saved steps: {list(steps)}')
   return step
-
-
-def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
-  """Model variables of a workdir's checkpoint, for evaluation and prediction.
-
-  Returns (config, variables, step); `variables` holds 'params' (and
-  'batch_stats' with batch norm), placed with `sharding`, by default
-  replicated over every device here (whatever devices the checkpoint was
-  written from).
-  """
-  from unet_jax import train  # pylint: disable=g-import-not-at-top
-  from unet_jax import models  # pylint: disable=g-import-not-at-top
-  config = load_config(workdir)
-  manager = create_manager(workdir, config, read_only=True)
-  step = select_step(manager, checkpoint, workdir)
-  model = models.unet_from_config(config.model)
-  learning_rate_fn = train.create_learning_rate_fn(config, 1)
-  template = jax.eval_shape(lambda: train.create_train_state(
-      config, model, learning_rate_fn, jax.random.key(0)))
-  sharding = sharding or train.replicated(train.create_mesh())
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          _arrays(template))
-  arrays = _restore_arrays(manager, step, template)
-  manager.close()
-  variables = {'params': arrays['params']}
-  if arrays['batch_stats'] is not None:
-    variables['batch_stats'] = arrays['batch_stats']
-  return config, variables, step

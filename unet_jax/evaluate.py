@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax import checkpointing
 from unet_jax import classes
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
@@ -201,7 +200,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
     report folder `<workdir>/eval/<split>-<step>`.
   """
   mesh = train.create_mesh()
-  config, variables, step = checkpointing.restore_variables(
+  config, variables, step = train.restore_variables(
       workdir, checkpoint, sharding=train.replicated(mesh))
   data, split_name = load_split(config, mesh, split, data_dir, workdir)
   model = models.unet_from_config(config.model)

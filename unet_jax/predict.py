@@ -44,7 +44,6 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import carla_files
-from unet_jax import checkpointing
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
@@ -282,7 +281,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
   output.mkdir(parents=True, exist_ok=True)
   # One process on all of its own devices: prediction needs no other host.
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
-  config, variables, step = checkpointing.restore_variables(
+  config, variables, step = train.restore_variables(
       workdir, checkpoint, sharding=train.replicated(mesh))
   if config.model.num_classes > 256:
     raise ValueError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')

@@ -263,6 +263,32 @@ def _add(total: np.ndarray, device_counts) -> np.ndarray:
   return counts if total.size == 0 else total + counts
 
 
+def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
+  """Model variables of a workdir's checkpoint, for evaluation and prediction.
+
+  Returns (config, variables, step); `variables` holds 'params' (and
+  'batch_stats' with batch norm), placed with `sharding`, by default
+  replicated over every device here (whatever devices the checkpoint was
+  written from).
+  """
+  config = checkpointing.load_config(workdir)
+  manager = checkpointing.create_manager(workdir, config, read_only=True)
+  step = checkpointing.select_step(manager, checkpoint, workdir)
+  model = models.unet_from_config(config.model)
+  learning_rate_fn = create_learning_rate_fn(config, 1)
+  template = jax.eval_shape(lambda: create_train_state(
+      config, model, learning_rate_fn, jax.random.key(0)))
+  sharding = sharding or replicated(create_mesh())
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          checkpointing.state_arrays(template))
+  arrays = checkpointing.restore_arrays(manager, step, template)
+  manager.close()
+  variables = {'params': arrays['params']}
+  if arrays['batch_stats'] is not None:
+    variables['batch_stats'] = arrays['batch_stats']
+  return config, variables, step
+
+
 # --------------------------------------------------------------------------
 # The loop.
 
