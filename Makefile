@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 # Test workers (pytest-xdist); multi-device tests force 8 host devices themselves.
 WORKERS ?= 2
 
-.PHONY: setup test demo peer clean
+.PHONY: setup test demo peer benchmark clean
 
 setup: $(INSTALLED)
 
@@ -32,6 +32,10 @@ demo: $(INSTALLED)
 # PyTorch CPU build for the peer benchmark (an unpinned torch pulls CUDA packages).
 peer: $(INSTALLED)
 	$(PY) -m pip install --quiet -c constraints.txt 'torch==2.13.0'
+
+# Train-step speed against the same U-Net in PyTorch, in one process (README: Speed).
+benchmark: peer
+	$(PY) -m unet_jax.benchmark --config=configs/carla.py --peer=torch --json=benchmark.json
 
 clean:
 	rm -rf $(VENV) runs data/synthetic data/synthetic_smoke

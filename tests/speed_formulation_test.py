@@ -5,6 +5,10 @@ Forward values and gradients on random inputs, against `nn.max_pool`,
 against XLA's own defaults.
 """
 
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -150,3 +154,40 @@ def test_default_flags_give_the_same_train_gradients_as_xla_defaults():
   np.testing.assert_allclose(ours_loss, default_loss, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(default_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# The benchmark itself, on a tiny config.
+
+
+def test_benchmark_runs_on_a_tiny_config_and_writes_json(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import carla  # pylint: disable=g-import-not-at-top
+  from unet_jax import benchmark  # pylint: disable=g-import-not-at-top
+
+  config = carla.get_config('smoke')
+  results = benchmark.run(config, steps=1, rounds=1, warmup=1, eval_steps=1, matmul_size=64)
+  path = tmp_path / 'benchmark.json'
+  benchmark.write_json(str(path), results)
+  written = json.loads(path.read_text())
+  for key in ('compile_seconds', 'train_step_seconds', 'train_images_per_second',
+              'eval_images_per_second', 'achieved_gflops', 'percent_of_matmul_peak',
+              'peak_host_memory_mb'):
+    assert written[key] > 0, key
+  assert written['matmul_peak_gflops']['float32'] > 0
+  assert written['matmul_peak_gflops']['bfloat16'] > 0
+  assert written['parameters'] == sum(
+      int(np.prod(p.shape)) for p in jax.tree.leaves(
+          jax.eval_shape(lambda: models.unet_from_config(config.model).init(
+              jax.random.key(0), jnp.zeros((1, 32, 32, 3))))['params']))
+  assert 'peer' not in written
+  assert 'train images/s' in benchmark.format_table(results)
+
+
+def test_the_package_works_without_torch():
+  # PyTorch is the optional extra of the benchmark's --peer=torch path only
+  # (`sys.modules['torch'] = None` makes every `import torch` fail).
+  code = ('import sys\n'
+          'sys.modules["torch"] = None\n'
+          'from unet_jax import benchmark, input_pipeline, models, train\n')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=pathlib.Path(__file__).parents[1])

@@ -1,0 +1,369 @@
+r"""Speed of the train step, against the same U-Net in PyTorch on the same machine.
+
+    python -m unet_jax.benchmark --config=configs/carla.py --json=benchmark.json
+    python -m unet_jax.benchmark --config=configs/carla.py --peer=torch   # needs '.[peer]'
+    python -m unet_jax.benchmark --config=configs/synthetic.py --loop_steps=30
+
+Measures, for the config's model and batch size: compile time; the median
+time of the real jitted train step (`train.compile_train_step`) on random
+batches after warm-up, waiting for each step to finish; evaluation images/s;
+peak host memory (and device memory where the device reports it); the step's
+FLOPs from XLA's cost analysis over its time, next to float32 and bfloat16
+matrix-product peaks measured in the same run.
+
+`--peer=torch` times `unet_jax.torch_peer` (the identical network, checked by
+parameter count first; channels_last; and torch.compile unless
+`--notorch_compile`) with Adam and cross-entropy on the same batches,
+alternating with the JAX step `--rounds` times so that machine noise hits
+both, and reports the ratio. `--loop_steps` also runs the training loop's
+inner iteration on the config's data (input pipeline, metric sync and
+logging) and reports its images/s against the pure step's.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jaxlib import version as jaxlib_version
+from ml_collections import config_flags
+import numpy as np
+
+from unet_jax import metric_logging
+from unet_jax import models
+from unet_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training config file (Python).',
+                                lock_config=True)
+flags.DEFINE_enum('peer', '', ['', 'torch'], 'Also time the same U-Net in this framework.')
+flags.DEFINE_bool('torch_compile', True, 'With --peer=torch, also time torch.compile.')
+flags.DEFINE_integer('steps', 3, 'Timed train steps per contender per round.')
+flags.DEFINE_integer('rounds', 3, 'Rounds that alternate the contenders.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps per contender after compilation.')
+flags.DEFINE_integer('eval_steps', 5, 'Timed evaluation steps.')
+flags.DEFINE_integer('loop_steps', 0, 'If > 0, time this many steps of the training loop '
+                     "on the config's data against the pure step.")
+flags.DEFINE_integer('matmul_size', 4096, 'Side of the square matrices of the peak measurement.')
+flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+flags.mark_flags_as_required(['config'])
+
+NUM_RANDOM_BATCHES = 3
+
+
+# --------------------------------------------------------------------------
+# Measurements.
+
+
+def wall_seconds(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def matmul_peak_gflops(dtype, size: int, repeats: int = 5) -> float:
+  """Best GFLOP/s of a jitted square matrix product in `dtype` (float32 accumulation)."""
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
+  product = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  product(a, b).block_until_ready()
+  best = min(wall_seconds(lambda: product(a, b).block_until_ready()) for _ in range(repeats))
+  return 2 * size**3 / best / 1e9
+
+
+def random_batches(config, count: int, seed: int = 0) -> list[dict]:
+  """Host batches of uniform images and uniformly drawn labels, all valid."""
+  rng = np.random.default_rng(seed)
+  height, width = config.data.image_size
+  label_size = models.output_size((height, width), config.model.depth, config.model.padding)
+  size = config.batch_size
+  return [{'image': rng.random((size, height, width, 3), np.float32),
+           'label': rng.integers(0, config.model.num_classes, (size, *label_size), np.int32),
+           'valid': np.ones((size,), bool)} for _ in range(count)]
+
+
+def parameter_count(params) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+class JaxTrainStep:
+  """The project's compiled train step, called on rotating device batches."""
+
+  def __init__(self, config, mesh, host_batches):
+    model = models.unet_from_config(config.model)
+    learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch=100)
+    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    self.state = train.create_replicated_train_state(config, model, learning_rate_fn,
+                                                     init_key, mesh)
+    self.dropout_key = jax.device_put(dropout_key, train.replicated(mesh))
+    self.batches = [jax.device_put(b, train.data_sharded(mesh)) for b in host_batches]
+    step = train.compile_train_step(config, mesh, learning_rate_fn, class_weights=None)
+    start = time.perf_counter()
+    self.compiled = step.lower(self.state, self.batches[0], self.dropout_key).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.flops = float(_cost(self.compiled).get('flops', 0.0))
+    self.parameter_count = parameter_count(self.state.params)
+    self.model = model
+    self._calls = 0
+
+  def __call__(self):
+    batch = self.batches[self._calls % len(self.batches)]
+    self._calls += 1
+    self.state, metrics = self.compiled(self.state, batch, self.dropout_key)
+    jax.block_until_ready((self.state, metrics))
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+
+
+def eval_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int) -> float:
+  eval_step = train.compile_eval_step(config, mesh, jax_step.model)
+  variables = train.model_variables(jax_step.state)
+  batches = jax_step.batches
+  jax.block_until_ready(eval_step(variables, batches[0]))
+  times = [wall_seconds(lambda i=i: jax.block_until_ready(
+      eval_step(variables, batches[i % len(batches)]))) for i in range(steps)]
+  return config.batch_size / statistics.median(times)
+
+
+def torch_contenders(config, host_batches, expected_parameters: int, compile_model: bool):
+  """name -> step callable for the PyTorch peer (channels_last; compiled too)."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional extra)
+  from unet_jax import torch_peer  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(config.seed)
+  batches = [torch_peer.to_torch_batch(b['image'], b['label'], channels_last=True)
+             for b in host_batches]
+  contenders, notes = {}, {}
+  variants = [('torch channels_last', False)] + ([('torch.compile', True)] if compile_model else [])
+  for name, compiled in variants:
+    model = torch_peer.unet_from_config(config.model).to(memory_format=torch.channels_last)
+    count = torch_peer.parameter_count(model)
+    if count != expected_parameters:
+      raise ValueError(f'the PyTorch peer has {count:,} parameters, unet_jax '
+                       f'{expected_parameters:,}: not the same network')
+    model.train()
+    step = torch_peer.create_train_step(model, config.learning_rate, compile_model=compiled)
+
+    def call(step=step, calls=iter(range(sys.maxsize))):
+      images, labels = batches[next(calls) % len(batches)]
+      step(images, labels).item()  # .item() waits for the step
+
+    try:
+      notes[name] = {'compile_seconds': wall_seconds(call)}
+    except Exception as error:  # pylint: disable=broad-except  (torch.compile may not work)
+      notes[name] = {'error': f'{type(error).__name__}: {error}'[:300]}
+      continue
+    contenders[name] = call
+  return contenders, notes, torch.__version__
+
+
+def alternate(contenders: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+  """Seconds per step of each contender, timed in turns so noise hits all."""
+  for call in contenders.values():
+    for _ in range(warmup):
+      call()
+  times = {name: [] for name in contenders}
+  for _ in range(rounds):
+    for name, call in contenders.items():
+      times[name].extend(wall_seconds(call) for _ in range(steps))
+  return times
+
+
+def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
+                           workdir: str) -> tuple[float, float]:
+  """(loop, pure) images/s: the training loop's inner iteration on the
+  config's data, and the pure step on resident batches, timed in turns.
+
+  The loop part is what `train.train_and_evaluate` does per step: take the
+  pipeline's next batch, run the step, keep the metrics, and at log steps
+  fetch them to the host and write them.
+  """
+  from unet_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (needs data)
+
+  data = input_pipeline.create_datasets(config, mesh)['train']
+  writer = metric_logging.MetricWriter(workdir)
+  epoch_iterators = (data.train_batches(epoch) for epoch in range(sys.maxsize))
+  batches = iter(())
+
+  def next_batch():
+    nonlocal batches
+    for batch in batches:
+      return batch
+    batches = next(epoch_iterators)
+    return next(batches)
+
+  def run_loop(num_steps: int) -> float:
+    history = []
+    start = time.perf_counter()
+    for step in range(1, num_steps + 1):
+      jax_step.state, metrics = jax_step.compiled(jax_step.state, next_batch(),
+                                                  jax_step.dropout_key)
+      history.append(metrics)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        fetched = jax.device_get(history)
+        writer.write(step, {'train_loss': np.mean([float(m['loss']) for m in fetched])})
+        history = []
+    jax.block_until_ready(jax_step.state)
+    return num_steps * config.batch_size / (time.perf_counter() - start)
+
+  def run_pure(num_steps: int) -> float:
+    return num_steps * config.batch_size / sum(wall_seconds(jax_step) for _ in range(num_steps))
+
+  run_loop(2)  # warm-up: the pipeline's first batches and compilations
+  half = max(1, steps // 2)
+  loop = [run_loop(half) for _ in range(2)]
+  pure = [run_pure(half) for _ in range(2)]
+  loop.append(run_loop(half))
+  pure.append(run_pure(half))
+  writer.close()
+  return statistics.median(loop), statistics.median(pure)
+
+
+def machine_description() -> dict:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'devices': [str(d) for d in jax.devices()],
+          'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jaxlib_version.__version__,
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def device_peak_memory_mb() -> float | None:
+  peaks = [stats.get('peak_bytes_in_use') for stats in
+           (device.memory_stats() for device in jax.local_devices()) if stats]
+  peaks = [p for p in peaks if p]
+  return max(peaks) / 2**20 if peaks else None
+
+
+# --------------------------------------------------------------------------
+# The run.
+
+
+def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, rounds: int = 3,
+        warmup: int = 2, eval_steps: int = 5, loop_steps: int = 0,
+        matmul_size: int = 4096) -> dict:
+  """All measurements for `config`; returns the results as a JSON-able dict."""
+  mesh = train.create_mesh()
+  host_batches = random_batches(config, NUM_RANDOM_BATCHES, seed=config.seed)
+  jax_step = JaxTrainStep(config, mesh, host_batches)
+  results = {
+      'machine': machine_description(),
+      'config': {'image_size': list(config.data.image_size), 'batch_size': config.batch_size,
+                 'base_filters': config.model.base_filters, 'depth': config.model.depth,
+                 'num_classes': config.model.num_classes, 'dtype': config.model.dtype},
+      'parameters': jax_step.parameter_count,
+      'compile_seconds': jax_step.compile_seconds,
+      'step_gflop': jax_step.flops / 1e9,
+      'matmul_peak_gflops': {
+          'float32': matmul_peak_gflops(jnp.float32, matmul_size),
+          'bfloat16': matmul_peak_gflops(jnp.bfloat16, matmul_size),
+      },
+  }
+  contenders = {'unet_jax': jax_step}
+  if peer == 'torch':
+    torch_steps, notes, version = torch_contenders(config, host_batches,
+                                                   jax_step.parameter_count, torch_compile)
+    contenders.update(torch_steps)
+    results['peer'] = {'framework': 'torch', 'version': version, 'notes': notes}
+  times = alternate(contenders, rounds, steps, warmup)
+  seconds = {name: statistics.median(t) for name, t in times.items()}
+  results['train_step_seconds'] = seconds['unet_jax']
+  results['train_step_seconds_all'] = times['unet_jax']
+  results['train_images_per_second'] = config.batch_size / seconds['unet_jax']
+  results['achieved_gflops'] = jax_step.flops / 1e9 / seconds['unet_jax']
+  peak_key = 'bfloat16' if config.model.dtype == 'bfloat16' else 'float32'
+  results['percent_of_matmul_peak'] = (100 * results['achieved_gflops'] /
+                                       results['matmul_peak_gflops'][peak_key])
+  if peer:
+    results['peer']['images_per_second'] = {
+        name: config.batch_size / s for name, s in seconds.items() if name != 'unet_jax'}
+    results['peer']['step_seconds_all'] = {
+        name: t for name, t in times.items() if name != 'unet_jax'}
+    # > 1: unet_jax is faster.
+    results['peer']['speed_ratio'] = {
+        name: s / seconds['unet_jax'] for name, s in seconds.items() if name != 'unet_jax'}
+  results['eval_images_per_second'] = eval_images_per_second(config, mesh, jax_step, eval_steps)
+  if loop_steps:
+    with tempfile.TemporaryDirectory() as workdir:
+      loop, pure = loop_images_per_second(config, mesh, jax_step, loop_steps, workdir)
+    results['loop'] = {'loop_images_per_second': loop, 'pure_step_images_per_second': pure,
+                       'overhead_percent': 100 * (1 - loop / pure)}
+  results['peak_host_memory_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  results['device_peak_memory_mb'] = device_peak_memory_mb()
+  return results
+
+
+def format_table(results: dict) -> str:
+  rows = [
+      ('machine', f"{results['machine']['cpu']}, {results['machine']['cores']} cores"),
+      ('versions', f"jax {results['machine']['jax']}, jaxlib {results['machine']['jaxlib']}, "
+                   f"python {results['machine']['python']}"
+                   + (f", torch {results['peer']['version']}" if 'peer' in results else '')),
+      ('XLA_FLAGS', results['machine']['xla_flags'] or '(none)'),
+      ('setting', '{image_size[0]}x{image_size[1]}, batch {batch_size}, base {base_filters}, '
+       '{dtype}'.format(**results['config'])),
+      ('parameters', f"{results['parameters']:,}"),
+      ('compile', f"{results['compile_seconds']:.1f} s"),
+      ('train step (median)', f"{results['train_step_seconds']:.3f} s"),
+      ('train images/s', f"{results['train_images_per_second']:.2f}"),
+      ('eval images/s', f"{results['eval_images_per_second']:.2f}"),
+      ('step GFLOP (XLA)', f"{results['step_gflop']:.1f}"),
+      ('achieved GFLOP/s', f"{results['achieved_gflops']:.1f}"),
+      ('matmul peak GFLOP/s', 'f32 {float32:.0f}, bf16 {bfloat16:.0f}'.format(
+          **results['matmul_peak_gflops'])),
+      ('% of matmul peak', f"{results['percent_of_matmul_peak']:.1f}"),
+      ('peak host memory', f"{results['peak_host_memory_mb']:.0f} MB"),
+  ]
+  if results['device_peak_memory_mb'] is not None:
+    rows.append(('peak device memory', f"{results['device_peak_memory_mb']:.0f} MB"))
+  if 'peer' in results:
+    peer = results['peer']
+    for name, images in peer['images_per_second'].items():
+      rows.append((f'{name} images/s', f'{images:.2f}'))
+      rows.append((f'unet_jax speed / {name}', f"{peer['speed_ratio'][name]:.2f}x"))
+    for name, note in peer['notes'].items():
+      if 'error' in note:
+        rows.append((f'{name}', f"failed: {note['error']}"))
+  if 'loop' in results:
+    loop = results['loop']
+    rows.append(('training loop images/s', f"{loop['loop_images_per_second']:.2f} "
+                 f"(pure step {loop['pure_step_images_per_second']:.2f}, "
+                 f"overhead {loop['overhead_percent']:.1f}%)"))
+  width = max(len(name) for name, _ in rows)
+  return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
+
+
+def write_json(path: str, results: dict) -> None:
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  results = run(FLAGS.config, peer=FLAGS.peer, torch_compile=FLAGS.torch_compile,
+                steps=FLAGS.steps, rounds=FLAGS.rounds, warmup=FLAGS.warmup,
+                eval_steps=FLAGS.eval_steps, loop_steps=FLAGS.loop_steps,
+                matmul_size=FLAGS.matmul_size)
+  print(format_table(results))
+  if FLAGS.json:
+    write_json(FLAGS.json, results)
+
+
+if __name__ == '__main__':
+  app.run(main)
