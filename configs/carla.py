@@ -1,11 +1,16 @@
-r"""CARLA semantic segmentation: U-Net at 96x128, 23 classes.
+r"""CARLA semantic segmentation: the best recipe found at the lab's compute.
 
     python -m unet_jax.main --config=configs/carla.py --workdir=runs/carla \
         --config.data.data_dir=/path/to/carla   # holds CameraRGB/ and CameraMask/
 
-The setting of the original CARLA U-Net study: images resized to 96x128,
-base_filters 32, dropout 0.3 in the two deepest blocks, Adam 1e-3, batch 32,
-40 epochs. Results and wall times are in the README's results table.
+The U-Net of the paper (2x2 up-convolutions, base 32 filters, depth 4) at
+96x128, 40 epochs like the original study (`configs/carla_lab.py`), with what
+measured better on recordings the model never saw (README, Results on real
+CARLA frames): batch norm, batch 8 (more steps for the same images; batch 32
+gives 5 steps an epoch on 180 frames), warm-up and cosine decay, flips,
+scale-and-crop and colour jitter, and median-frequency class weights capped at
+5 so that rare classes (vehicles, poles, pedestrians) are learnt at all.
+`configs/carla_long.py` trains longer at twice the resolution.
 `get_config('smoke')` shrinks it to a seconds-long run.
 """
 
@@ -24,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.padding = 'SAME'  # 'VALID' is the paper's unpadded convolutions
   config.model.dropout_rate = 0.3
   config.model.dropout_blocks = 2  # the deepest contracting block and the bottleneck
-  config.model.use_batch_norm = False
+  config.model.use_batch_norm = True
   config.model.upconv_kernel_size = 2
   config.model.head_filters = 0
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision
@@ -53,26 +58,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # streaming mode: grain worker processes
   # Augmentation (training only).
   config.data.augment = ml_collections.ConfigDict()
-  config.data.augment.horizontal_flip = False
-  config.data.augment.scale_range = (1.0, 1.0)  # random scale-and-crop; (1, 1) is off
-  config.data.augment.brightness = 0.0  # colour jitter amplitudes; 0 is off
-  config.data.augment.contrast = 0.0
-  config.data.augment.saturation = 0.0
+  config.data.augment.horizontal_flip = True
+  config.data.augment.scale_range = (1.0, 1.5)  # random zoom-in crop; (1, 1) is off
+  config.data.augment.brightness = 0.2  # colour jitter amplitudes; 0 is off
+  config.data.augment.contrast = 0.2
+  config.data.augment.saturation = 0.2
 
   # ---- optimisation (unet_jax.train) ----
-  config.batch_size = 32  # global, over all devices and processes
+  config.batch_size = 8  # global, over all devices and processes
   config.num_epochs = 40
   config.optimizer = 'adam'  # 'adam' or 'adamw' or 'sgd'
   config.learning_rate = 1e-3
-  config.lr_schedule = 'constant'  # 'constant' or 'cosine'
-  config.warmup_epochs = 0.0
+  config.lr_schedule = 'cosine'  # 'constant' or 'cosine'
+  config.warmup_epochs = 1.0
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # 0 is off
   config.momentum = 0.9  # sgd only
   # Loss: softmax cross-entropy on integer labels over valid pixels.
   config.ignore_label = -1  # pixels with this label are left out; -1: none
-  config.class_weighting = 'none'  # 'none', 'inverse' or 'median' frequency
-  config.class_weight_max = 10.0  # cap on a single class weight
+  config.class_weighting = 'median'  # 'none', 'inverse' or 'median' frequency
+  config.class_weight_max = 5.0  # cap on a single class weight
 
   # ---- loop ----
   config.log_every_steps = 10

@@ -1,16 +1,25 @@
-r"""Trains several configs on the same split with the same seeds; one table.
+r"""Trains several recipes on the same split with the same seeds; one table.
 
     python scripts/compare_recipes.py --configs=configs/carla_lab.py,configs/carla.py \
         --seeds=0,1,2 --workdir=runs/compare --set=data.data_dir=/path/to/carla
 
-Each (config, seed) trains in `<workdir>/<config>/seed<k>` with
-`unet_jax.train.train_and_evaluate`, so an interrupted comparison resumes
-where it stopped and a finished run is only re-evaluated. Prints pixel
-accuracy, mean IoU and the IoU of the classes that matter most for driving,
-with wall time and training images/s; over several seeds, mean ± standard
-deviation. Writes every figure to `<workdir>/comparison.json`.
+A recipe is a config file (optionally `file.py:arg`), or with `--recipe` a
+named config file plus overrides of its own, separated by ';':
+
+    --recipe='carla-unweighted=configs/carla.py;class_weighting=none'
+
+`--set key=value` applies to every recipe (values are Python literals where
+they parse as one). Each (recipe, seed) trains in `<workdir>/<recipe>/seed<k>`
+with `unet_jax.train.train_and_evaluate` and leaves its figures in
+`result.json` there: an interrupted comparison resumes where it stopped, a
+finished run is not trained again, and several invocations on the same
+workdir (one per recipe, say, sharing one GPU) can run at the same time. The
+table covers pixel accuracy, mean IoU and the IoU of the classes that matter
+most for driving, with wall time and training images/s; over several seeds,
+mean ± standard deviation. `<workdir>/comparison.json` holds every figure.
 """
 
+import ast
 import importlib.util
 import json
 import pathlib
@@ -26,13 +35,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from unet_jax import classes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-FLAGS = flags.DEFINE_list('configs', None, 'Config files, each optionally file.py:arg.')
-SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds; every config trains once per seed.')
+CONFIGS = flags.DEFINE_list('configs', [], 'Config files, each optionally file.py:arg; the '
+                            'recipe is named after the file.')
+RECIPES = flags.DEFINE_multi_string('recipe', [], "name=file.py[:arg][;key=value;...]: a named "
+                                    'config with overrides of its own.')
+SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds; every recipe trains once per seed.')
 WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Where the runs and the table go.')
-OVERRIDES = flags.DEFINE_multi_string('set', [], 'key=value applied to every config, '
-                                      'e.g. data.data_dir=/data/carla (value parsed as Python '
-                                      'literal when it is one).')
+OVERRIDES = flags.DEFINE_multi_string('set', [], 'key=value applied to every recipe, '
+                                      'e.g. data.data_dir=/data/carla.')
 SPLIT = flags.DEFINE_string('split', 'validation', 'Split the table reports.')
+REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Train nothing: print the table of the '
+                                'runs that have finished.')
 
 REPORTED_CLASSES = ('Road', 'Sky', 'Vehicles', 'Pedestrian', 'RoadLine', 'Pole', 'TrafficSign')
 
@@ -46,27 +59,53 @@ def load_config(spec: str):
 
 
 def apply_override(config, assignment: str) -> None:
-  import ast  # pylint: disable=g-import-not-at-top
   key, _, text = assignment.partition('=')
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
   target = config
-  *parents, leaf = key.split('.')
+  *parents, leaf = key.strip().split('.')
   for parent in parents:
     target = target[parent]
   if leaf not in target:
-    raise KeyError(f'--set {assignment}: the config has no field {key}')
+    raise KeyError(f'override {assignment!r}: the config has no field {key}')
   target[leaf] = value
 
 
-def run_one(spec: str, seed: int, workdir: pathlib.Path) -> dict:
+def parse_recipes(config_specs, recipe_specs) -> dict[str, tuple[str, list[str]]]:
+  """name -> (config spec, its own overrides)."""
+  recipes = {}
+  for spec in config_specs:
+    path, _, arg = spec.partition(':')
+    recipes[pathlib.Path(path).stem + (f'-{arg}' if arg else '')] = (spec, [])
+  for text in recipe_specs:
+    name, sep, rest = text.partition('=')
+    if not sep or not name or not rest:
+      raise app.UsageError(f'--recipe {text!r}: expected name=file.py[;key=value;...]')
+    spec, *overrides = [part for part in rest.split(';') if part.strip()]
+    recipes[name] = (spec, overrides)
+  if not recipes:
+    raise app.UsageError('name at least one recipe with --configs or --recipe')
+  return recipes
+
+
+def build_config(spec: str, overrides: list[str], seed: int):
   config = load_config(spec)
-  for assignment in OVERRIDES.value:
+  for assignment in list(OVERRIDES.value) + list(overrides):
     apply_override(config, assignment)
   config.seed = seed
   config.eval_split = SPLIT.value
+  return config
+
+
+def run_one(name: str, spec: str, overrides: list[str], seed: int,
+            workdir: pathlib.Path) -> dict:
+  """Trains (or resumes) one run; its figures, also left in `result.json`."""
+  result_file = workdir / 'result.json'
+  if result_file.exists():
+    return json.loads(result_file.read_text())
+  config = build_config(spec, overrides, seed)
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, str(workdir))
   wall = time.perf_counter() - start
@@ -75,30 +114,37 @@ def run_one(spec: str, seed: int, workdir: pathlib.Path) -> dict:
   rates = [line['images_per_second'] for line in lines if 'images_per_second' in line]
   iou = {name: float(summary['per_class_iou'][classes.CLASS_NAMES.index(name)])
          for name in REPORTED_CLASSES}
-  return {'config': spec, 'seed': seed, 'pixel_accuracy': summary['pixel_accuracy'],
-          'mean_iou': summary['mean_iou'], 'iou': iou, 'wall_seconds': wall,
-          'images_per_second': float(np.median(rates)) if rates else float('nan'),
-          'epochs': config.num_epochs, 'per_class_iou': [float(x) for x in summary['per_class_iou']]}
+  result = {'recipe': name, 'config': spec, 'overrides': overrides, 'seed': seed,
+            'pixel_accuracy': summary['pixel_accuracy'], 'mean_iou': summary['mean_iou'],
+            'mean_class_accuracy': summary['mean_class_accuracy'], 'iou': iou,
+            'wall_seconds': wall,
+            'images_per_second': float(np.median(rates)) if rates else float('nan'),
+            'epochs': config.num_epochs, 'image_size': list(config.data.image_size),
+            'per_class_iou': [float(x) for x in summary['per_class_iou']]}
+  result_file.write_text(json.dumps(result, indent=2))
+  return result
 
 
 def _cell(values) -> str:
   values = np.asarray(values, np.float64)
-  if np.all(np.isnan(values)):
+  values = values[~np.isnan(values)]  # NaN: the class is absent from that run's split
+  if not len(values):
     return '-'
   if len(values) == 1:
     return f'{values[0]:.3f}'
-  return f'{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1):.3f}'
+  return f'{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}'
 
 
-def table(results: list[dict]) -> str:
-  header = (['config', 'seeds', 'pixel acc', 'mean IoU'] + list(REPORTED_CLASSES)
+def table(results: list[dict], class_names=REPORTED_CLASSES) -> str:
+  header = (['recipe', 'seeds', 'pixel acc', 'mean IoU'] + list(class_names)
             + ['wall s', 'images/s'])
   rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  for spec in dict.fromkeys(r['config'] for r in results):
-    runs = [r for r in results if r['config'] == spec]
-    cells = [spec, str(len(runs)), _cell([r['pixel_accuracy'] for r in runs]),
+  for name in dict.fromkeys(r['recipe'] for r in results):
+    runs = [r for r in results if r['recipe'] == name]
+    cells = [name, str(len(runs)), _cell([r['pixel_accuracy'] for r in runs]),
              _cell([r['mean_iou'] for r in runs])]
-    cells += [_cell([r['iou'][name] for r in runs]) for name in REPORTED_CLASSES]
+    cells += [_cell([r['per_class_iou'][classes.CLASS_NAMES.index(c)] for r in runs])
+              for c in class_names]
     cells += [f'{np.mean([r["wall_seconds"] for r in runs]):.0f}',
               f'{np.mean([r["images_per_second"] for r in runs]):.1f}']
     rows.append('| ' + ' | '.join(cells) + ' |')
@@ -106,20 +152,32 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   root = pathlib.Path(WORKDIR.value)
   root.mkdir(parents=True, exist_ok=True)
   results = []
-  for spec in FLAGS.value:
+  for name, (spec, overrides) in parse_recipes(CONFIGS.value, RECIPES.value).items():
     for seed in SEEDS.value:
-      name = pathlib.Path(spec.partition(':')[0]).stem + (
-          '-' + spec.partition(':')[2] if spec.partition(':')[2] else '')
-      logging.info('Training %s with seed %s', spec, seed)
-      results.append(run_one(spec, int(seed), root / name / f'seed{seed}'))
-      (root / 'comparison.json').write_text(json.dumps(results, indent=2))
+      workdir = root / name / f'seed{seed}'
+      if REPORT_ONLY.value:
+        if (workdir / 'result.json').exists():
+          results.append(json.loads((workdir / 'result.json').read_text()))
+        continue
+      logging.info('Recipe %s (%s %s), seed %s', name, spec, ';'.join(overrides), seed)
+      results.append(run_one(name, spec, overrides, int(seed), workdir))
+  if not results:
+    print('No finished runs.')
+    return
+  (root / 'comparison.json').write_text(json.dumps(results, indent=2))
   print(table(results))
+  print()
+  print('Per-class IoU:')
+  present = [c for c in classes.CLASS_NAMES
+             if any(not np.isnan(r['per_class_iou'][classes.CLASS_NAMES.index(c)])
+                    for r in results)]
+  print(table(results, class_names=present))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('configs')
   app.run(main)

@@ -1,4 +1,4 @@
-"""Every config in configs/ loads, builds its model and trains one step."""
+"""Every config in configs/ loads, builds its model and trains at a tiny size."""
 
 import importlib
 import pathlib
@@ -33,7 +33,7 @@ def test_config_is_valid_and_its_model_accepts_its_image_size(name):
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
-def test_config_trains_one_step_at_a_tiny_size(name):
+def test_config_trains_at_a_tiny_size(name):
   config = _load(name)
   config.model.base_filters = 2
   config.batch_size = 2
@@ -52,8 +52,9 @@ def test_config_trains_one_step_at_a_tiny_size(name):
            'label': rng.integers(0, config.model.num_classes, (2, *label_size)).astype(np.int32),
            'valid': np.ones(2, bool)}
   before = jax.tree.map(np.asarray, state.params)
-  state, metrics = step(state, batch, jax.random.key(1))
-  assert int(state.step) == 1 and np.isfinite(float(metrics['loss']))
+  for _ in range(2):  # a warm-up from zero leaves the first step's learning rate at 0
+    state, metrics = step(state, batch, jax.random.key(1))
+  assert int(state.step) == 2 and np.isfinite(float(metrics['loss']))
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.device_get(state.params))
   assert any(jax.tree.leaves(changed))
 

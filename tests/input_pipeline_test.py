@@ -29,6 +29,8 @@ def _config(data_dir, **data):
   config.data.test_fraction = 0.25
   config.model.depth = 2
   config.batch_size = 4
+  config.data.augment.update(horizontal_flip=False, scale_range=(1.0, 1.0), brightness=0.0,
+                             contrast=0.0, saturation=0.0)
   for key, value in data.items():
     config.data[key] = value
   return config
@@ -246,6 +248,22 @@ def test_both_modes_give_the_same_order_and_eval_data(scenes, mesh):
   for a, b in zip(_numpy(cached.train_batches(5)), _numpy(streamed.train_batches(5))):
     np.testing.assert_allclose(a['image'], b['image'], atol=1e-6)  # augmentation off
     np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_both_modes_augment_every_example_the_same_way(scenes, mesh):
+  def augmented(device_cache):
+    config = _config(scenes, device_cache=device_cache)
+    config.data.augment.update(horizontal_flip=True, scale_range=(1.0, 1.5), brightness=0.2,
+                               contrast=0.2, saturation=0.2)
+    return ip.create_datasets(config, mesh)['train']
+
+  cached, streamed = augmented('always'), augmented('never')
+  plain = _numpy(ip.create_datasets(_config(scenes, device_cache='never'), mesh)['train']
+                 .train_batches(3))
+  for a, b, c in zip(_numpy(cached.train_batches(3)), _numpy(streamed.train_batches(3)), plain):
+    np.testing.assert_allclose(a['image'], b['image'], atol=1e-5)
+    np.testing.assert_array_equal(a['label'], b['label'])
+    assert np.abs(a['image'] - c['image']).max() > 0.05  # augmented at all
 
 
 def test_device_cache_makes_no_implicit_transfers(scenes, mesh):

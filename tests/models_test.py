@@ -131,3 +131,19 @@ def test_batch_norm_option_adds_statistics():
   _, updates = model.apply(variables, jnp.ones((2, 16, 16, 3)), train=True,
                            mutable=['batch_stats'])
   assert 'batch_stats' in updates
+
+
+def test_batch_norm_replaces_the_bias_of_the_block_convolutions():
+  # Each block convolution of C channels drops its bias (C) and its batch norm
+  # adds a scale and an offset (2C): C more parameters per convolution.
+  def count(**options):
+    model = models.UNet(base_filters=4, num_classes=3, depth=2, **options)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    return params['params'], sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params['params']))
+
+  params, with_norm = count(use_batch_norm=True)
+  _, without = count()
+  block_channels = 2 * (4 + 8 + 16) + 2 * (8 + 4)  # down, bottleneck, up
+  assert with_norm == without + block_channels
+  assert set(params['down0']['conv0']) == {'kernel'}
+  assert set(params['classifier']) == {'kernel', 'bias'}

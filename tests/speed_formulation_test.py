@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from unet_jax import models
+from unet_jax import train
 from unet_jax import xla_flags
 
 
@@ -182,6 +183,41 @@ def test_benchmark_runs_on_a_tiny_config_and_writes_json(tmp_path):
               jax.random.key(0), jnp.zeros((1, 32, 32, 3))))['params']))
   assert 'peer' not in written
   assert 'train images/s' in benchmark.format_table(results)
+
+
+def _forward_convolution_flops(config) -> float:
+  """2 * multiply-adds of every convolution of the U-Net (SAME padding), by hand."""
+  height, width = config.data.image_size
+  base, depth, classes = (config.model.base_filters, config.model.depth,
+                          config.model.num_classes)
+  total, channels = 0, 3
+  for level in range(depth + 1):  # contracting blocks, then the bottleneck
+    pixels, features = height * width // 4**level, base * 2**level
+    total += 9 * pixels * (channels * features + features * features)
+    channels = features
+  for level in reversed(range(depth)):
+    pixels, features = height * width // 4**level, base * 2**level
+    total += (pixels // 4) * 4 * (2 * features) * features  # 2x2 up-convolution
+    total += 9 * pixels * (2 * features * features + features * features)
+  total += height * width * base * classes
+  return 2.0 * config.batch_size * total
+
+
+def test_benchmark_counts_the_flops_of_the_convolutions():
+  # The count comes from the lowered step, which no backend has rewritten
+  # (a GPU's compiled step hides its convolutions in library calls); a train
+  # step is about three forward passes: forward, input and kernel gradients.
+  from configs import carla  # pylint: disable=g-import-not-at-top
+  from unet_jax import benchmark  # pylint: disable=g-import-not-at-top
+
+  config = carla.get_config('smoke')
+  config.model.use_batch_norm = False
+  config.model.dropout_rate = 0.0
+  config.data.image_size = (32, 64)
+  step = benchmark.JaxTrainStep(config, train.create_mesh(),
+                                benchmark.random_batches(config, 1))
+  ratio = step.flops / _forward_convolution_flops(config)
+  assert 2.6 < ratio < 3.4, ratio
 
 
 def test_the_package_works_without_torch():

@@ -17,6 +17,8 @@ def _tiny_config():
   config = carla.get_config('smoke')  # 32x32, base 4, depth 2, batch 4
   config.model.num_classes = 5
   config.model.dropout_rate = 0.0
+  config.lr_schedule = 'constant'  # these tests count steps, not epochs
+  config.warmup_epochs = 0.0
   return config
 
 

@@ -8,7 +8,7 @@ Measures, for the config's model and batch size: compile time; the median
 time of the real jitted train step (`train.compile_train_step`) on random
 batches after warm-up, waiting for each step to finish; evaluation images/s;
 peak host memory (and device memory where the device reports it); the step's
-FLOPs from XLA's cost analysis over its time, next to float32 and bfloat16
+FLOPs from XLA's cost analysis of the lowered step over its time, next to float32 and bfloat16
 matrix-product peaks timed in turns with the step (so both see the same
 machine load).
 
@@ -53,7 +53,9 @@ flags.DEFINE_integer('warmup', 2, 'Untimed steps per contender after compilation
 flags.DEFINE_integer('eval_steps', 5, 'Timed evaluation steps.')
 flags.DEFINE_integer('loop_steps', 0, 'If > 0, time this many steps of the training loop '
                      "on the config's data against the pure step.")
-flags.DEFINE_integer('matmul_size', 2048, 'Side of the square matrices of the peak measurement.')
+flags.DEFINE_integer('matmul_size', 0, 'Side of the square matrices of the peak measurement; '
+                     '0: 2048 on CPU, 8192 on an accelerator (a GPU needs large products '
+                     'to reach its peak).')
 flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 flags.mark_flags_as_required(['config'])
 
@@ -108,9 +110,13 @@ class JaxTrainStep:
     self.batches = [jax.device_put(b, train.data_sharded(mesh)) for b in host_batches]
     step = train.compile_train_step(config, mesh, learning_rate_fn, class_weights=None)
     start = time.perf_counter()
-    self.compiled = step.lower(self.state, self.batches[0], self.dropout_key).compile()
+    lowered = step.lower(self.state, self.batches[0], self.dropout_key)
+    self.compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
-    self.flops = float(_cost(self.compiled).get('flops', 0.0))
+    # Counted on the lowered program, before any backend rewrites it: on a GPU
+    # the compiled program's convolutions are library calls that XLA's cost
+    # analysis does not count (20.7 against 413 GFLOP for the CARLA step).
+    self.flops = float(_cost(lowered).get('flops', 0.0))
     self.parameter_count = parameter_count(self.state.params)
     self.model = model
     self._calls = 0
@@ -122,8 +128,8 @@ class JaxTrainStep:
     jax.block_until_ready((self.state, metrics))
 
 
-def _cost(compiled) -> dict:
-  cost = compiled.cost_analysis()
+def _cost(stage) -> dict:
+  cost = stage.cost_analysis()
   return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
 
@@ -143,18 +149,24 @@ def torch_contenders(config, host_batches, expected_parameters: int, compile_mod
   from unet_jax import torch_peer  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(config.seed)
-  batches = [torch_peer.to_torch_batch(b['image'], b['label'], channels_last=True)
+  # Where JAX runs on a GPU, so does the peer (cuDNN picking its fastest kernels).
+  device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
+  torch.backends.cudnn.benchmark = True
+  autocast_dtype = torch.bfloat16 if config.model.dtype == 'bfloat16' else None
+  batches = [torch_peer.to_torch_batch(b['image'], b['label'], channels_last=True, device=device)
              for b in host_batches]
   contenders, notes = {}, {}
   variants = [('torch channels_last', False)] + ([('torch.compile', True)] if compile_model else [])
   for name, compiled in variants:
-    model = torch_peer.unet_from_config(config.model).to(memory_format=torch.channels_last)
+    model = torch_peer.unet_from_config(config.model).to(device,
+                                                         memory_format=torch.channels_last)
     count = torch_peer.parameter_count(model)
     if count != expected_parameters:
       raise ValueError(f'the PyTorch peer has {count:,} parameters, unet_jax '
                        f'{expected_parameters:,}: not the same network')
     model.train()
-    step = torch_peer.create_train_step(model, config.learning_rate, compile_model=compiled)
+    step = torch_peer.create_train_step(model, config.learning_rate, compile_model=compiled,
+                                        autocast_dtype=autocast_dtype)
 
     def call(step=step, calls=iter(range(sys.maxsize))):
       images, labels = batches[next(calls) % len(batches)]
@@ -166,7 +178,8 @@ def torch_contenders(config, host_batches, expected_parameters: int, compile_mod
       notes[name] = {'error': f'{type(error).__name__}: {error}'[:300]}
       continue
     contenders[name] = call
-  return contenders, notes, torch.__version__
+  return contenders, notes, f'{torch.__version__} on {device}' + (
+      ', bfloat16 autocast' if autocast_dtype else '')
 
 
 def alternate(contenders: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -257,7 +270,7 @@ def device_peak_memory_mb() -> float | None:
 
 def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, rounds: int = 3,
         warmup: int = 2, eval_steps: int = 5, loop_steps: int = 0,
-        matmul_size: int = 2048) -> dict:
+        matmul_size: int = 0) -> dict:
   """All measurements for `config`; returns the results as a JSON-able dict."""
   mesh = train.create_mesh()
   host_batches = random_batches(config, NUM_RANDOM_BATCHES, seed=config.seed)
@@ -271,6 +284,7 @@ def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, r
       'compile_seconds': jax_step.compile_seconds,
       'step_gflop': jax_step.flops / 1e9,
   }
+  matmul_size = matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
   matmuls = {f'matmul {jnp.dtype(dtype).name}': matmul_step(dtype, matmul_size)
              for dtype in (jnp.float32, jnp.bfloat16)}
   contenders = {'unet_jax': jax_step, **{name: call for name, (call, _) in matmuls.items()}}

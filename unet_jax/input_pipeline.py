@@ -326,18 +326,23 @@ class SegmentationData:
         centre_crop_label(labels, self.label_size), self._num_classes)
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
     return {'images': put(images), 'labels': put(labels),
-            'gather': jax.jit(functools.partial(_gather_batch, seed=self._seed,
-                                                augment=self._augment, label_size=self.label_size),
+            'gather': jax.jit(functools.partial(_gather_batch, augment=self._augment,
+                                                label_size=self.label_size),
                               static_argnames='training', out_shardings=self._batch_sharding)}
 
   def _from_cache(self, indices, valid, *, epoch: int, augment: bool):
     cache = self._cache
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
-    epoch_array = put(np.int32(epoch))
+    training = augment and self._augment.enabled
+    # The same per-example draws as the streaming path, so both modes train
+    # identically; one table an epoch, indexed on the devices.
+    uniforms = put(np.stack([example_uniforms(self._seed, epoch, index)
+                             for index in range(self.num_examples)]) if training
+                   else np.zeros((1, NUM_AUGMENT_UNIFORMS), np.float32))
     for step_indices, step_valid in zip(indices, valid):
-      yield cache['gather'](cache['images'], cache['labels'], put(step_indices.astype(np.int32)),
-                            put(step_valid), epoch_array,
-                            training=augment and self._augment.enabled)
+      yield cache['gather'](cache['images'], cache['labels'], uniforms,
+                            put(step_indices.astype(np.int32)), put(step_valid),
+                            training=training)
 
   # ---- public ----
 
@@ -372,17 +377,15 @@ class SegmentationData:
     return self._class_counts.copy()
 
 
-def _gather_batch(images, labels, indices, valid, epoch, *, seed: int, augment: Augment,
-                  label_size, training: bool):
-  """Device side: gathers cached examples, augments them (training) and crops labels."""
+def _gather_batch(images, labels, uniforms, indices, valid, *, augment: Augment, label_size,
+                  training: bool):
+  """Device side: gathers cached examples, augments them (training) with their rows
+  of `uniforms` (`example_uniforms` of every example) and crops labels."""
   image = images[indices].astype(jnp.float32) / 255.0
   label = labels[indices]
   if training:
-    epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
-    uniforms = jax.vmap(lambda i: jax.random.uniform(
-        jax.random.fold_in(epoch_key, i), (NUM_AUGMENT_UNIFORMS,)))(indices)
     image, label = jax.vmap(lambda x, y, u: augment_example(jnp, x, y, u, augment))(
-        image, label, uniforms)
+        image, label, uniforms[indices])
   return {'image': image, 'label': centre_crop_label(label, label_size).astype(jnp.int32),
           'valid': valid}
 

@@ -153,7 +153,11 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     for i in range(2):
+      # Batch norm subtracts the batch mean, so a bias in front of it has no
+      # effect and a zero gradient: only rounding noise, which Adam would
+      # scale up to full-size steps.
       x = nn.Conv(self.features, (3, 3), padding=self.padding, dtype=self.dtype,
+                  use_bias=not self.use_batch_norm,
                   kernel_init=nn.initializers.he_normal(), name=f'conv{i}')(x)
       if self.use_batch_norm:
         x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f'bn{i}')(x)
@@ -172,7 +176,8 @@ class UNet(nn.Module):
     dropout_rate: dropout applied after the `dropout_blocks` deepest blocks
       (counting the bottleneck as the deepest), before pooling.
     dropout_blocks: how many of the deepest blocks get dropout.
-    use_batch_norm: batch norm after every 3x3 convolution.
+    use_batch_norm: batch norm after every 3x3 convolution of the blocks
+      (which then have no bias).
     upconv_kernel_size: 2 (the paper) or 3 (a 3x3 stride-2 transposed
       convolution with SAME padding, as in the CARLA lab network).
     head_filters: if > 0, one more 3x3 convolution + ReLU with this many

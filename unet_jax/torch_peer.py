@@ -23,7 +23,8 @@ class ConvBlock(nn.Sequential):
   def __init__(self, in_channels: int, features: int, padding: int, use_batch_norm: bool):
     layers = []
     for i in range(2):
-      layers.append(nn.Conv2d(in_channels if i == 0 else features, features, 3, padding=padding))
+      layers.append(nn.Conv2d(in_channels if i == 0 else features, features, 3, padding=padding,
+                              bias=not use_batch_norm))
       if use_batch_norm:
         layers.append(nn.BatchNorm2d(features))
       layers.append(nn.ReLU(inplace=True))
@@ -62,7 +63,8 @@ class UNet(nn.Module):
     for module in self.modules():
       if isinstance(module, nn.Conv2d) and module is not self.classifier:
         nn.init.kaiming_normal_(module.weight, nonlinearity='relu')
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+          nn.init.zeros_(module.bias)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     skips = []
@@ -96,18 +98,25 @@ def parameter_count(model: nn.Module) -> int:
   return sum(p.numel() for p in model.parameters())
 
 
-def create_train_step(model: nn.Module, learning_rate: float, *, compile_model: bool):
+def create_train_step(model: nn.Module, learning_rate: float, *, compile_model: bool,
+                      autocast_dtype: torch.dtype | None = None):
   """A step function `step(images, labels) -> loss` (Adam, cross-entropy).
 
   With `compile_model` the model goes through `torch.compile`; its first call
-  then pays the compilation.
+  then pays the compilation. With `autocast_dtype` (bfloat16 for mixed
+  precision) the forward pass runs under `torch.autocast` on the model's
+  device, the loss in float32, as unet_jax's `model.dtype='bfloat16'` does.
   """
   optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
   forward = torch.compile(model) if compile_model else model
+  device_type = next(model.parameters()).device.type
 
   def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(forward(images), labels)
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+      logits = forward(images)
+    loss = F.cross_entropy(logits.float(), labels)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -115,12 +124,12 @@ def create_train_step(model: nn.Module, learning_rate: float, *, compile_model: 
   return step
 
 
-def to_torch_batch(images, labels, channels_last: bool):
+def to_torch_batch(images, labels, channels_last: bool, device: str = 'cpu'):
   """NHWC numpy images and NHW labels -> NCHW float tensor (optionally
-  channels_last in memory) and int64 labels."""
-  x = torch.from_numpy(images).permute(0, 3, 1, 2)
+  channels_last in memory) and int64 labels, on `device`."""
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
   x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-  return x, torch.from_numpy(labels).long()
+  return x, torch.from_numpy(labels).long().to(device)
 
 
 def timed_call(step, images, labels) -> float:
