@@ -35,7 +35,8 @@ peer: $(INSTALLED)
 
 # Train-step speed against the same U-Net in PyTorch, in one process (README: Speed).
 benchmark: peer
-	$(PY) -m unet_jax.benchmark --config=configs/carla.py --peer=torch --json=benchmark.json
+	$(PY) -m unet_jax.benchmark --config=configs/carla.py --config.batch_size=32 \
+		--config.model.use_batch_norm=False --peer=torch --json=benchmark.json
 
 clean:
 	rm -rf $(VENV) runs data/synthetic data/synthetic_smoke

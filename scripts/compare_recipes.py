@@ -90,22 +90,23 @@ def parse_recipes(config_specs, recipe_specs) -> dict[str, tuple[str, list[str]]
   return recipes
 
 
-def build_config(spec: str, overrides: list[str], seed: int):
+def build_config(spec: str, overrides: list[str], seed: int, split: str):
+  """The config of one run: `overrides` applied in order (a later one wins)."""
   config = load_config(spec)
-  for assignment in list(OVERRIDES.value) + list(overrides):
+  for assignment in overrides:
     apply_override(config, assignment)
   config.seed = seed
-  config.eval_split = SPLIT.value
+  config.eval_split = split
   return config
 
 
-def run_one(name: str, spec: str, overrides: list[str], seed: int,
+def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
             workdir: pathlib.Path) -> dict:
   """Trains (or resumes) one run; its figures, also left in `result.json`."""
   result_file = workdir / 'result.json'
   if result_file.exists():
     return json.loads(result_file.read_text())
-  config = build_config(spec, overrides, seed)
+  config = build_config(spec, overrides, seed, split)
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, str(workdir))
   wall = time.perf_counter() - start
@@ -165,7 +166,8 @@ def main(argv):
           results.append(json.loads((workdir / 'result.json').read_text()))
         continue
       logging.info('Recipe %s (%s %s), seed %s', name, spec, ';'.join(overrides), seed)
-      results.append(run_one(name, spec, overrides, int(seed), workdir))
+      results.append(run_one(name, spec, [*OVERRIDES.value, *overrides], int(seed), SPLIT.value,
+                             workdir))
   if not results:
     print('No finished runs.')
     return

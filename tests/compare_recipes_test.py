@@ -1,0 +1,63 @@
+"""scripts/compare_recipes.py: recipes with overrides, resumable runs, the table."""
+
+import importlib.util
+import json
+import math
+
+from absl import app
+import pytest
+
+from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location('compare_recipes',
+                                               REPO / 'scripts' / 'compare_recipes.py')
+compare_recipes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_recipes)
+
+CARLA = str(REPO / 'configs' / 'carla.py')
+
+
+def test_recipes_are_named_configs_with_their_own_overrides():
+  recipes = compare_recipes.parse_recipes(
+      [CARLA, f'{CARLA}:smoke'],
+      ['weighted=' + CARLA + ';class_weighting=median;data.image_size=(64, 96)'])
+  assert recipes == {'carla': (CARLA, []), 'carla-smoke': (f'{CARLA}:smoke', []),
+                     'weighted': (CARLA, ['class_weighting=median',
+                                          'data.image_size=(64, 96)'])}
+  with pytest.raises(app.UsageError, match='expected name=file.py'):
+    compare_recipes.parse_recipes([], ['no-config-here'])
+
+
+def test_overrides_apply_in_order_and_the_seed_and_split_are_set():
+  config = compare_recipes.build_config(
+      CARLA, ['batch_size=4', 'data.augment.scale_range=(1.0, 2.0)', 'batch_size=16',
+              'lr_schedule=constant'], seed=7, split='test')
+  assert config.batch_size == 16 and config.lr_schedule == 'constant'
+  assert tuple(config.data.augment.scale_range) == (1.0, 2.0)
+  assert config.seed == 7 and config.eval_split == 'test'
+  with pytest.raises(KeyError, match='no field model.nonexistent'):
+    compare_recipes.build_config(CARLA, ['model.nonexistent=1'], seed=0, split='validation')
+
+
+def test_a_finished_run_is_read_back_not_trained_again(tmp_path):
+  finished = {'recipe': 'r', 'seed': 3, 'mean_iou': 0.5}
+  (tmp_path / 'result.json').write_text(json.dumps(finished))
+  # A config path that does not exist: training would fail at once.
+  assert compare_recipes.run_one('r', 'missing.py', [], 3, 'validation', tmp_path) == finished
+
+
+def _result(recipe, pixel_accuracy, mean_iou, pedestrian):
+  per_class = [0.5] * 23
+  per_class[compare_recipes.classes.CLASS_NAMES.index('Pedestrian')] = pedestrian
+  return {'recipe': recipe, 'pixel_accuracy': pixel_accuracy, 'mean_iou': mean_iou,
+          'per_class_iou': per_class, 'wall_seconds': 10.0, 'images_per_second': 5.0}
+
+
+def test_table_gives_mean_and_spread_over_seeds_and_skips_absent_classes():
+  results = [_result('a', 0.8, 0.2, 0.1), _result('a', 0.9, 0.4, math.nan),
+             _result('b', 0.7, 0.3, math.nan)]
+  rows = compare_recipes.table(results, class_names=('Pedestrian',)).splitlines()
+  assert rows[0] == ('| recipe | seeds | pixel acc | mean IoU | Pedestrian | wall s | images/s |')
+  # mean ± sample standard deviation; a class absent from a run's split is left out.
+  assert rows[2] == '| a | 2 | 0.850 ± 0.071 | 0.300 ± 0.141 | 0.100 | 10 | 5.0 |'
+  assert rows[3] == '| b | 1 | 0.700 | 0.300 | - | 10 | 5.0 |'
