@@ -22,4 +22,12 @@ def get_config(arg: str | None = None):
   config.batch_size = 16
   config.num_epochs = 6
   config.checkpoint_every_steps = 50
+  # 96 steps are too few for batch norm's running statistics (and for a
+  # warm-up, a decay and class weights to pay): plain Adam, as in the lab.
+  config.model.use_batch_norm = False
+  config.lr_schedule = 'constant'
+  config.warmup_epochs = 0.0
+  config.class_weighting = 'none'
+  config.data.augment.update(horizontal_flip=False, scale_range=(1.0, 1.0), brightness=0.0,
+                             contrast=0.0, saturation=0.0)
   return config
