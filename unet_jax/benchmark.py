@@ -8,9 +8,9 @@ Measures, for the config's model and batch size: compile time; the median
 time of the real jitted train step (`train.compile_train_step`) on random
 batches after warm-up, waiting for each step to finish; evaluation images/s;
 peak host memory (and device memory where the device reports it); the step's
-FLOPs from XLA's cost analysis of the lowered step over its time, next to float32 and bfloat16
-matrix-product peaks timed in turns with the step (so both see the same
-machine load).
+FLOPs from XLA's cost analysis of the lowered step over its time, next to
+float32 and bfloat16 matrix-product peaks timed in turns with the step (so
+both see the same machine load).
 
 `--peer=torch` times `unet_jax.torch_peer` (the identical network, checked by
 parameter count first; channels_last; and torch.compile unless
