@@ -15,6 +15,7 @@ def get_config(arg: str | None = None):
   config = carla.get_config()
   config.model.base_filters = 64
   config.model.padding = 'VALID'
+  config.model.use_batch_norm = False  # the paper has none
   config.model.dropout_rate = 0.0
   config.model.dropout_blocks = 0
   config.data.image_size = (572, 572)
