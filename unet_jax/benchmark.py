@@ -8,9 +8,10 @@ Measures, for the config's model and batch size: compile time; the median
 time of the real jitted train step (`train.compile_train_step`) on random
 batches after warm-up, waiting for each step to finish; evaluation images/s;
 peak host memory (and device memory where the device reports it); the step's
-FLOPs from XLA's cost analysis of the lowered step over its time, next to
-float32 and bfloat16 matrix-product peaks timed in turns with the step (so
-both see the same machine load).
+FLOPs (those of its convolutions and matrix products, counted on the traced
+step; XLA's own cost analysis beside them) over its time, next to float32
+and bfloat16 matrix-product peaks timed in turns with the step (so both see
+the same machine load).
 
 `--peer=torch` times `unet_jax.torch_peer` (the identical network, checked by
 parameter count first; channels_last; and torch.compile unless
@@ -22,6 +23,7 @@ logging) and reports its images/s against the pure step's.
 """
 
 import json
+import math
 import os
 import platform
 import resource
@@ -34,6 +36,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 from jaxlib import version as jaxlib_version
 from ml_collections import config_flags
 import numpy as np
@@ -113,10 +116,13 @@ class JaxTrainStep:
     lowered = step.lower(self.state, self.batches[0], self.dropout_key)
     self.compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
-    # Counted on the lowered program, before any backend rewrites it: on a GPU
-    # the compiled program's convolutions are library calls that XLA's cost
-    # analysis does not count (20.7 against 413 GFLOP for the CARLA step).
-    self.flops = float(_cost(lowered).get('flops', 0.0))
+    # Counted on the traced program, before any backend rewrites it: a GPU's
+    # compiled step calls cuDNN for its convolutions, which XLA's cost
+    # analysis leaves out (and jaxlib 0.11's GPU cost analysis of the lowered
+    # step reports nothing).
+    self.flops = matmul_flops(jax.make_jaxpr(step)(self.state, self.batches[0],
+                                                   self.dropout_key))
+    self.xla_flops = float(_cost(lowered).get('flops', 0.0))
     self.parameter_count = parameter_count(self.state.params)
     self.model = model
     self._calls = 0
@@ -126,6 +132,42 @@ class JaxTrainStep:
     self._calls += 1
     self.state, metrics = self.compiled(self.state, batch, self.dropout_key)
     jax.block_until_ready((self.state, metrics))
+
+
+def matmul_flops(closed_jaxpr) -> float:
+  """2 x the multiply-adds of every convolution and matrix product in a jaxpr.
+
+  The usual "model FLOPs" of utilisation figures: element-wise work is left
+  out. Nested jaxprs (jit, custom derivatives, remat) are counted where they
+  appear, a scan's body `length` times, a cond's costliest branch.
+  """
+  total = 0.0
+  for eqn in closed_jaxpr.jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in ('dot_general', 'conv_general_dilated'):
+      lhs, rhs = (var.aval.shape for var in eqn.invars[:2])
+      outputs = math.prod(eqn.outvars[0].aval.shape)
+      if name == 'dot_general':
+        (lhs_contracting, _), _ = eqn.params['dimension_numbers']
+        per_output = math.prod(lhs[d] for d in lhs_contracting)
+      else:
+        rhs_spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+        per_output = math.prod(rhs[d] for d in rhs_spec[1:])
+      total += 2.0 * outputs * per_output
+      continue
+    nested = []
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(item, 'eqns'):
+          nested.append(jax_core.ClosedJaxpr(item, ()))
+        elif hasattr(getattr(item, 'jaxpr', None), 'eqns'):
+          nested.append(item)
+    counts = [matmul_flops(jaxpr) for jaxpr in nested]
+    if name == 'cond':
+      total += max(counts, default=0.0)
+    else:
+      total += sum(counts) * eqn.params.get('length', 1) if name == 'scan' else sum(counts)
+  return total
 
 
 def _cost(stage) -> dict:
@@ -232,7 +274,15 @@ def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
     return num_steps * config.batch_size / (time.perf_counter() - start)
 
   def run_pure(num_steps: int) -> float:
-    return num_steps * config.batch_size / sum(wall_seconds(jax_step) for _ in range(num_steps))
+    # Dispatched like the loop's steps and waited for once at the end, so the
+    # difference is the loop's own work (on a GPU, waiting for every step
+    # would cost more than the whole loop).
+    start = time.perf_counter()
+    for step in range(num_steps):
+      jax_step.state, metrics = jax_step.compiled(
+          jax_step.state, jax_step.batches[step % len(jax_step.batches)], jax_step.dropout_key)
+    jax.block_until_ready((jax_step.state, metrics))
+    return num_steps * config.batch_size / (time.perf_counter() - start)
 
   run_loop(2)  # warm-up: the pipeline's first batches and compilations
   half = max(1, steps // 2)
@@ -283,6 +333,7 @@ def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, r
       'parameters': jax_step.parameter_count,
       'compile_seconds': jax_step.compile_seconds,
       'step_gflop': jax_step.flops / 1e9,
+      'step_gflop_xla': jax_step.xla_flops / 1e9,
   }
   matmul_size = matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
   matmuls = {f'matmul {jnp.dtype(dtype).name}': matmul_step(dtype, matmul_size)
@@ -341,7 +392,8 @@ def format_table(results: dict) -> str:
       ('train step (median)', f"{results['train_step_seconds']:.3f} s"),
       ('train images/s', f"{results['train_images_per_second']:.2f}"),
       ('eval images/s', f"{results['eval_images_per_second']:.2f}"),
-      ('step GFLOP (XLA)', f"{results['step_gflop']:.1f}"),
+      ('step GFLOP', f"{results['step_gflop']:.1f} (convolutions and products; "
+                     f"XLA's count: {results['step_gflop_xla']:.1f})"),
       ('achieved GFLOP/s', f"{results['achieved_gflops']:.1f}"),
       (f"matmul {results['matmul_size']}^2 GFLOP/s", 'f32 {float32:.0f}, bf16 {bfloat16:.0f}'
        .format(**results['matmul_peak_gflops'])),
