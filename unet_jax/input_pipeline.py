@@ -182,8 +182,12 @@ def process_columns(batch_size: int, process_index: int, process_count: int) -> 
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def example_uniforms(seed: int, epoch: int, index: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch, index]).random(NUM_AUGMENT_UNIFORMS, dtype=np.float32)
+def epoch_uniforms(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """float32 [num_examples, NUM_AUGMENT_UNIFORMS]: row i drives example i's
+  augmentation in this epoch, whichever mode delivers it (one vectorised draw
+  an epoch; the trailing 1 keeps the stream apart from `epoch_order`'s)."""
+  return np.random.default_rng([seed, epoch, 1]).random((num_examples, NUM_AUGMENT_UNIFORMS),
+                                                        dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------
@@ -269,13 +273,12 @@ class SegmentationData:
     example = self._source[int(index)]
     return resize_pair(example['image'], example['segmentation_mask'][..., 0], self.image_size)
 
-  def _host_example(self, epoch: int, augment: bool, index_and_valid):
+  def _host_example(self, uniforms: np.ndarray | None, index_and_valid):
     index, valid = index_and_valid
     image, label = self.load_example(index)
     image = image.astype(np.float32) / 255.0
-    if augment and self._augment.enabled:
-      image, label = augment_example(np, image, label, example_uniforms(self._seed, epoch, index),
-                                     self._augment)
+    if uniforms is not None:
+      image, label = augment_example(np, image, label, uniforms[index], self._augment)
     return {'image': image, 'label': centre_crop_label(label, self.label_size).astype(np.int32),
             'valid': np.bool_(valid)}
 
@@ -290,8 +293,9 @@ class SegmentationData:
     if not local:
       return iter(())
     local_batch = columns.stop - columns.start
-    dataset = grain.MapDataset.source(local).map(
-        functools.partial(self._host_example, epoch, augment))
+    uniforms = (epoch_uniforms(self.num_examples, self._seed, epoch)
+                if augment and self._augment.enabled else None)
+    dataset = grain.MapDataset.source(local).map(functools.partial(self._host_example, uniforms))
     iterable = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=os.cpu_count() or 1,
         prefetch_buffer_size=max(self._prefetch, 1) * local_batch)).batch(local_batch)
@@ -336,8 +340,7 @@ class SegmentationData:
     training = augment and self._augment.enabled
     # The same per-example draws as the streaming path, so both modes train
     # identically; one table an epoch, indexed on the devices.
-    uniforms = put(np.stack([example_uniforms(self._seed, epoch, index)
-                             for index in range(self.num_examples)]) if training
+    uniforms = put(epoch_uniforms(self.num_examples, self._seed, epoch) if training
                    else np.zeros((1, NUM_AUGMENT_UNIFORMS), np.float32))
     for step_indices, step_valid in zip(indices, valid):
       yield cache['gather'](cache['images'], cache['labels'], uniforms,
@@ -380,7 +383,7 @@ class SegmentationData:
 def _gather_batch(images, labels, uniforms, indices, valid, *, augment: Augment, label_size,
                   training: bool):
   """Device side: gathers cached examples, augments them (training) with their rows
-  of `uniforms` (`example_uniforms` of every example) and crops labels."""
+  of `uniforms` (`epoch_uniforms`) and crops labels."""
   image = images[indices].astype(jnp.float32) / 255.0
   label = labels[indices]
   if training:

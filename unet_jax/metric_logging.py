@@ -18,6 +18,10 @@ from unet_jax import classes
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# TensorBoard events reach the disk at least this often (and at close). A
+# flush per write fsyncs the event file every log step, which can stall a
+# GPU's short steps.
+TENSORBOARD_FLUSH_SECONDS = 15
 
 
 class MetricWriter:
@@ -31,7 +35,8 @@ class MetricWriter:
     self._jsonl = workdir / METRICS_FILE
     if resume_step is not None and self._jsonl.exists():
       _drop_lines_after(self._jsonl, resume_step)
-    self._summary = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR))
+    self._summary = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR),
+                                               flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._enabled:
@@ -41,7 +46,6 @@ class MetricWriter:
       f.write(json.dumps({'step': int(step), **values}) + '\n')
     for name, value in values.items():
       self._summary.add_scalar(name, value, step)
-    self._summary.flush()
     shown = ', '.join(f'{k}={v:.4g}' for k, v in values.items() if '/' not in k)
     logging.info('[%d] %s', step, shown)
 
