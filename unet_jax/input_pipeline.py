@@ -332,7 +332,8 @@ class SegmentationData:
     return {'images': put(images), 'labels': put(labels),
             'gather': jax.jit(functools.partial(_gather_batch, augment=self._augment,
                                                 label_size=self.label_size),
-                              static_argnames='training', out_shardings=self._batch_sharding)}
+                              static_argnames='training',
+                              out_shardings=(self._batch_sharding, self._replicated))}
 
   def _from_cache(self, indices, valid, *, epoch: int, augment: bool):
     cache = self._cache
@@ -342,10 +343,15 @@ class SegmentationData:
     # identically; one table an epoch, indexed on the devices.
     uniforms = put(epoch_uniforms(self.num_examples, self._seed, epoch) if training
                    else np.zeros((1, NUM_AUGMENT_UNIFORMS), np.float32))
-    for step_indices, step_valid in zip(indices, valid):
-      yield cache['gather'](cache['images'], cache['labels'], uniforms,
-                            put(step_indices.astype(np.int32)), put(step_valid),
-                            training=training)
+    # The epoch's whole schedule goes to the devices once and the row counter
+    # stays there: each step is one dispatch and no host-to-device copy (on
+    # a GPU two small copies a step cost more than its short step hides).
+    epoch_indices, epoch_valid = put(indices.astype(np.int32)), put(valid)
+    row = put(np.int32(0))
+    for _ in range(len(indices)):
+      batch, row = cache['gather'](cache['images'], cache['labels'], uniforms, epoch_indices,
+                                   epoch_valid, row, training=training)
+      yield batch
 
   # ---- public ----
 
@@ -380,17 +386,19 @@ class SegmentationData:
     return self._class_counts.copy()
 
 
-def _gather_batch(images, labels, uniforms, indices, valid, *, augment: Augment, label_size,
-                  training: bool):
-  """Device side: gathers cached examples, augments them (training) with their rows
-  of `uniforms` (`epoch_uniforms`) and crops labels."""
+def _gather_batch(images, labels, uniforms, epoch_indices, epoch_valid, row, *,
+                  augment: Augment, label_size, training: bool):
+  """Device side: gathers the cached examples of `row` of the epoch's schedule,
+  augments them (training) with their rows of `uniforms` (`epoch_uniforms`)
+  and crops labels. Returns the batch and the next row."""
+  indices, valid = epoch_indices[row], epoch_valid[row]
   image = images[indices].astype(jnp.float32) / 255.0
   label = labels[indices]
   if training:
     image, label = jax.vmap(lambda x, y, u: augment_example(jnp, x, y, u, augment))(
         image, label, uniforms[indices])
   return {'image': image, 'label': centre_crop_label(label, label_size).astype(jnp.int32),
-          'valid': valid}
+          'valid': valid}, row + 1
 
 
 # ------------------------------------------------------------------------------
