@@ -230,3 +230,23 @@ def test_the_package_works_without_torch():
           'sys.modules["torch"] = None\n'
           'from unet_jax import benchmark, input_pipeline, models, train\n')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+def test_benchmark_times_the_training_loop_and_splits_its_host_time(synthetic_dir):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from unet_jax import benchmark  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(synthetic_dir)
+  results = benchmark.run(config, steps=1, rounds=1, warmup=1, eval_steps=1, matmul_size=64,
+                          loop_steps=6)
+  loop = results['loop']
+  assert loop['loop_images_per_second'] > 0 and loop['pure_step_images_per_second'] > 0
+  assert loop['overhead_percent'] == pytest.approx(
+      100 * (1 - loop['loop_images_per_second'] / loop['pure_step_images_per_second']))
+  host = loop['host_ms_per_step']
+  assert set(host) == {'batch', 'step', 'fetch', 'write'}
+  assert all(ms > 0 for ms in host.values())
+  # The host's parts happen within the loop's wall time per step.
+  loop_ms_per_step = 1000 * config.batch_size / loop['loop_images_per_second']
+  assert sum(host.values()) < 3 * loop_ms_per_step  # (warm-up compilations excluded)
+  assert 'loop host ms per step' in benchmark.format_table(results)

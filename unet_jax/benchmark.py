@@ -237,13 +237,18 @@ def alternate(contenders: dict, rounds: int, steps: int, warmup: int) -> dict[st
 
 
 def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
-                           workdir: str) -> tuple[float, float]:
+                           workdir: str) -> tuple[float, float, dict[str, float]]:
   """(loop, pure) images/s: the training loop's inner iteration on the
-  config's data, and the pure step on resident batches, timed in turns.
+  config's data, and the pure step on resident batches, timed in turns; and
+  the loop's host milliseconds per step in each part ('batch': the pipeline
+  handing over the next batch, 'step': dispatching the step, 'fetch': getting
+  the metrics, which includes waiting for the device to finish the queued
+  steps, 'write': logging them).
 
   The loop part is what `train.train_and_evaluate` does per step: take the
   pipeline's next batch, run the step, keep the metrics, and at log steps
-  fetch them to the host and write them.
+  fetch them to the host and write them. Where the first two parts add up to
+  about the device's step time, the loop is bound by the host.
   """
   from unet_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (needs data)
 
@@ -259,19 +264,37 @@ def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
     batches = next(epoch_iterators)
     return next(batches)
 
-  def run_loop(num_steps: int) -> float:
+  host_seconds = {'batch': 0.0, 'step': 0.0, 'fetch': 0.0, 'write': 0.0}
+  timed_steps = 0
+
+  def run_loop(num_steps: int, timed: bool = True) -> float:
+    nonlocal timed_steps
     history = []
+    parts = dict.fromkeys(host_seconds, 0.0)
     start = time.perf_counter()
     for step in range(1, num_steps + 1):
-      jax_step.state, metrics = jax_step.compiled(jax_step.state, next_batch(),
-                                                  jax_step.dropout_key)
+      t0 = time.perf_counter()
+      batch = next_batch()
+      t1 = time.perf_counter()
+      jax_step.state, metrics = jax_step.compiled(jax_step.state, batch, jax_step.dropout_key)
       history.append(metrics)
+      t2 = time.perf_counter()
+      parts['batch'] += t1 - t0
+      parts['step'] += t2 - t1
       if step % config.log_every_steps == 0 or step == num_steps:
         fetched = jax.device_get(history)
+        t3 = time.perf_counter()
         writer.write(step, {'train_loss': np.mean([float(m['loss']) for m in fetched])})
         history = []
+        parts['fetch'] += t3 - t2
+        parts['write'] += time.perf_counter() - t3
     jax.block_until_ready(jax_step.state)
-    return num_steps * config.batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if timed:
+      timed_steps += num_steps
+      for name, value in parts.items():
+        host_seconds[name] += value
+    return num_steps * config.batch_size / seconds
 
   def run_pure(num_steps: int) -> float:
     # Dispatched like the loop's steps and waited for once at the end, so the
@@ -284,14 +307,15 @@ def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
     jax.block_until_ready((jax_step.state, metrics))
     return num_steps * config.batch_size / (time.perf_counter() - start)
 
-  run_loop(2)  # warm-up: the pipeline's first batches and compilations
+  run_loop(2, timed=False)  # warm-up: the pipeline's first batches and compilations
   half = max(1, steps // 2)
   loop = [run_loop(half) for _ in range(2)]
   pure = [run_pure(half) for _ in range(2)]
   loop.append(run_loop(half))
   pure.append(run_pure(half))
   writer.close()
-  return statistics.median(loop), statistics.median(pure)
+  host_ms = {name: 1000 * value / timed_steps for name, value in host_seconds.items()}
+  return statistics.median(loop), statistics.median(pure), host_ms
 
 
 def machine_description() -> dict:
@@ -370,8 +394,9 @@ def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, r
   results['eval_images_per_second'] = eval_images_per_second(config, mesh, jax_step, eval_steps)
   if loop_steps:
     with tempfile.TemporaryDirectory() as workdir:
-      loop, pure = loop_images_per_second(config, mesh, jax_step, loop_steps, workdir)
+      loop, pure, host_ms = loop_images_per_second(config, mesh, jax_step, loop_steps, workdir)
     results['loop'] = {'loop_images_per_second': loop, 'pure_step_images_per_second': pure,
+                       'host_ms_per_step': host_ms,
                        'overhead_percent': 100 * (1 - loop / pure)}
   results['peak_host_memory_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   results['device_peak_memory_mb'] = device_peak_memory_mb()
@@ -415,6 +440,8 @@ def format_table(results: dict) -> str:
     rows.append(('training loop images/s', f"{loop['loop_images_per_second']:.2f} "
                  f"(pure step {loop['pure_step_images_per_second']:.2f}, "
                  f"overhead {loop['overhead_percent']:.1f}%)"))
+    rows.append(('loop host ms per step', ', '.join(
+        f'{name} {ms:.2f}' for name, ms in loop['host_ms_per_step'].items())))
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 
