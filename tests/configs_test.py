@@ -23,6 +23,18 @@ def test_the_expected_configs_exist():
   assert {'carla', 'carla_lab', 'unet_paper', 'synthetic'} <= set(CONFIG_NAMES)
 
 
+def test_unet_paper_is_the_papers_network():
+  # 23 convolutions with biases and no batch norm: the 31,033,175 parameters
+  # of the paper's layout with 23 classes (the PyTorch peer's count too).
+  config = _load('unet_paper')
+  assert not config.model.use_batch_norm and config.model.padding == 'VALID'
+  model = models.unet_from_config(config.model)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(
+      (1, *config.data.image_size, 3))))['params']
+  assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == 31_033_175
+  assert models.output_size(config.data.image_size, model.depth, model.padding) == (388, 388)
+
+
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_config_is_valid_and_its_model_accepts_its_image_size(name):
   config = _load(name)
