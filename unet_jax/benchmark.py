@@ -127,11 +127,16 @@ class JaxTrainStep:
     self.model = model
     self._calls = 0
 
-  def __call__(self):
-    batch = self.batches[self._calls % len(self.batches)]
-    self._calls += 1
+  def dispatch(self, batch=None):
+    """Queues one step (on `batch`, else the next resident one); returns its metrics."""
+    if batch is None:
+      batch = self.batches[self._calls % len(self.batches)]
+      self._calls += 1
     self.state, metrics = self.compiled(self.state, batch, self.dropout_key)
-    jax.block_until_ready((self.state, metrics))
+    return metrics
+
+  def __call__(self):
+    jax.block_until_ready((self.dispatch(), self.state))
 
 
 def matmul_flops(closed_jaxpr) -> float:
@@ -166,7 +171,7 @@ def matmul_flops(closed_jaxpr) -> float:
     if name == 'cond':
       total += max(counts, default=0.0)
     else:
-      total += sum(counts) * eqn.params.get('length', 1) if name == 'scan' else sum(counts)
+      total += sum(counts) * (eqn.params['length'] if name == 'scan' else 1)
   return total
 
 
@@ -264,57 +269,48 @@ def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
     batches = next(epoch_iterators)
     return next(batches)
 
-  host_seconds = {'batch': 0.0, 'step': 0.0, 'fetch': 0.0, 'write': 0.0}
-  timed_steps = 0
+  host_seconds = dict.fromkeys(('batch', 'step', 'fetch', 'write'), 0.0)
 
-  def run_loop(num_steps: int, timed: bool = True) -> float:
-    nonlocal timed_steps
+  def run_loop(num_steps: int) -> float:
     history = []
-    parts = dict.fromkeys(host_seconds, 0.0)
     start = time.perf_counter()
     for step in range(1, num_steps + 1):
       t0 = time.perf_counter()
       batch = next_batch()
       t1 = time.perf_counter()
-      jax_step.state, metrics = jax_step.compiled(jax_step.state, batch, jax_step.dropout_key)
-      history.append(metrics)
+      history.append(jax_step.dispatch(batch))
       t2 = time.perf_counter()
-      parts['batch'] += t1 - t0
-      parts['step'] += t2 - t1
+      host_seconds['batch'] += t1 - t0
+      host_seconds['step'] += t2 - t1
       if step % config.log_every_steps == 0 or step == num_steps:
         fetched = jax.device_get(history)
         t3 = time.perf_counter()
         writer.write(step, {'train_loss': np.mean([float(m['loss']) for m in fetched])})
         history = []
-        parts['fetch'] += t3 - t2
-        parts['write'] += time.perf_counter() - t3
+        host_seconds['fetch'] += t3 - t2
+        host_seconds['write'] += time.perf_counter() - t3
     jax.block_until_ready(jax_step.state)
-    seconds = time.perf_counter() - start
-    if timed:
-      timed_steps += num_steps
-      for name, value in parts.items():
-        host_seconds[name] += value
-    return num_steps * config.batch_size / seconds
+    return num_steps * config.batch_size / (time.perf_counter() - start)
 
   def run_pure(num_steps: int) -> float:
     # Dispatched like the loop's steps and waited for once at the end, so the
     # difference is the loop's own work (on a GPU, waiting for every step
     # would cost more than the whole loop).
     start = time.perf_counter()
-    for step in range(num_steps):
-      jax_step.state, metrics = jax_step.compiled(
-          jax_step.state, jax_step.batches[step % len(jax_step.batches)], jax_step.dropout_key)
-    jax.block_until_ready((jax_step.state, metrics))
+    for _ in range(num_steps):
+      jax_step.dispatch()
+    jax.block_until_ready(jax_step.state)
     return num_steps * config.batch_size / (time.perf_counter() - start)
 
-  run_loop(2, timed=False)  # warm-up: the pipeline's first batches and compilations
+  run_loop(2)  # warm-up: the pipeline's first batches and compilations
+  host_seconds.update(dict.fromkeys(host_seconds, 0.0))
   half = max(1, steps // 2)
   loop = [run_loop(half) for _ in range(2)]
   pure = [run_pure(half) for _ in range(2)]
   loop.append(run_loop(half))
   pure.append(run_pure(half))
   writer.close()
-  host_ms = {name: 1000 * value / timed_steps for name, value in host_seconds.items()}
+  host_ms = {name: 1000 * value / (3 * half) for name, value in host_seconds.items()}
   return statistics.median(loop), statistics.median(pure), host_ms
 
 
