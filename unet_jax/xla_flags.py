@@ -17,7 +17,7 @@ import os
 
 # jaxlib versions whose XLA knows these flags (an unknown flag in XLA_FLAGS
 # aborts the process, so other versions get none).
-TESTED_JAXLIB = ('0.10.',)
+TESTED_JAXLIB = ('0.10.', '0.11.', '0.12.')
 
 CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',)
 
