@@ -93,7 +93,8 @@ def center_crop(x: jax.Array, height: int, width: int) -> jax.Array:
   """Crops the centre `height` x `width` window of an NHWC array."""
   top = (x.shape[1] - height) // 2
   left = (x.shape[2] - width) // 2
-  return x[:, top:top + height, left:left + width, :]
+  # lax.slice keeps the crop a static slice also for symbolic sizes (jax.export).
+  return jax.lax.slice(x, (0, top, left, 0), (x.shape[0], top + height, left + width, x.shape[3]))
 
 
 # --------------------------------------------------------------------------
@@ -197,7 +198,8 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    check_input_size(x.shape[1:3], self.depth, self.padding)
+    if all(isinstance(n, int) for n in x.shape[1:3]):  # symbolic sizes: jax.export checks them
+      check_input_size(x.shape[1:3], self.depth, self.padding)
     if self.upconv_kernel_size not in (2, 3):
       raise ValueError(f'upconv_kernel_size must be 2 or 3, got {self.upconv_kernel_size}')
     if self.upconv_kernel_size == 3 and self.padding != 'SAME':
