@@ -28,6 +28,7 @@ demo: $(INSTALLED)
 	$(PY) -m unet_jax.evaluate --workdir=runs/synthetic --data_dir=runs/synthetic/unseen_frames
 	$(PY) -m unet_jax.predict --workdir=runs/synthetic --input=runs/synthetic/unseen_frames/CameraRGB \
 		--output=runs/synthetic/predictions
+	$(PY) -m unet_jax.export --workdir=runs/synthetic --format=stablehlo --output=runs/synthetic/export
 
 # PyTorch CPU build for the peer benchmark (an unpinned torch pulls CUDA packages).
 peer: $(INSTALLED)
