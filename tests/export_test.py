@@ -73,7 +73,11 @@ def test_size_rule_lists_exactly_the_valid_sizes():
       scale, offset = export.size_rule(depth, padding)
       lattice = {scale * k + offset for k in range(1, 6)}
       for length in range(1, max(lattice) + 1):
-        valid = models._output_length(length, depth, padding) is not None  # pylint: disable=protected-access
+        try:
+          models.check_input_size((length, length), depth, padding)
+          valid = True
+        except ValueError:
+          valid = False
         assert valid == (length in lattice), (depth, padding, length)
 
 
@@ -83,7 +87,7 @@ def test_onnx_and_stablehlo_logits_equal_the_jax_models(name, tmp_path):
   config = tiny_config(name)
   variables = random_variables(config)
   for fmt in export.FORMATS:
-    export.export_model(config, variables, 7, format=fmt, output_dir=tmp_path / fmt)
+    export.export_model(config, variables, 7, file_format=fmt, output_dir=tmp_path / fmt)
   onnx_run, onnx_meta = exported.load(tmp_path / 'onnx')
   hlo_run, hlo_meta = exported.load(tmp_path / 'stablehlo')
   assert onnx_meta['input']['dynamic_size'] and hlo_meta['input']['dynamic_size']
@@ -127,7 +131,7 @@ def test_argmax_masks_agree_on_a_real_frame(shared_carla_dir, tmp_path):
   image = carla_files.read_image(frame)[None].astype(np.float32) / 255.0  # 480x640 native
   want = jax_logits(config, variables, image).argmax(-1)
   for fmt in export.FORMATS:
-    export.export_model(config, variables, 1, format=fmt, output_dir=tmp_path / fmt)
+    export.export_model(config, variables, 1, file_format=fmt, output_dir=tmp_path / fmt)
     run, _ = exported.load(tmp_path / fmt)
     agree = float(np.mean(run(image).argmax(-1) == want))
     assert agree >= 0.9999, (fmt, agree)
@@ -147,7 +151,7 @@ assert not loaded, loaded
 def test_stablehlo_runs_in_a_fresh_process_without_the_model_code(tmp_path):
   config = tiny_config('carla_lab')  # 3x3 up-convolutions and the extra head
   variables = random_variables(config)
-  path = export.export_model(config, variables, 3, format='stablehlo', output_dir=tmp_path)
+  path = export.export_model(config, variables, 3, file_format='stablehlo', output_dir=tmp_path)
   images = np.random.default_rng(0).uniform(0, 1, (2, 12, 20, 3)).astype(np.float32)
   np.save(tmp_path / 'in.npy', images)
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
@@ -162,8 +166,8 @@ def test_loader_refuses_damaged_or_mismatched_exports(tmp_path):
   config = tiny_config('carla')
   variables = random_variables(config)
   for fmt, step in (('onnx', 5), ('stablehlo', 5)):
-    export.export_model(config, variables, step, format=fmt, output_dir=tmp_path / fmt)
-  export.export_model(config, random_variables(config, seed=1), 9, format='onnx',
+    export.export_model(config, variables, step, file_format=fmt, output_dir=tmp_path / fmt)
+  export.export_model(config, random_variables(config, seed=1), 9, file_format='onnx',
                       output_dir=tmp_path / 'other')
   onnx_dir, model = tmp_path / 'onnx', tmp_path / 'onnx' / 'model.onnx'
   original, metadata_text = model.read_bytes(), (onnx_dir / 'model.json').read_text()

@@ -172,15 +172,15 @@ def _write(directory: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
   return target
 
 
-def export_model(config, variables, step: int, *, format: str, output_dir: str,  # pylint: disable=redefined-builtin
+def export_model(config, variables, step: int, *, file_format: str, output_dir: str,
                  workdir: str = '') -> pathlib.Path:
   """Writes the model file and model.json into output_dir; returns the model file."""
-  if format not in FORMATS:
-    raise ValueError(f'format must be one of {FORMATS}, got {format!r}')
+  if file_format not in FORMATS:
+    raise ValueError(f'format must be one of {FORMATS}, got {file_format!r}')
   model = models.unet_from_config(config.model)
   image_size = tuple(int(n) for n in config.data.image_size)
   metadata = describe(config, step, workdir)
-  if format == 'stablehlo':
+  if file_format == 'stablehlo':
     data, shape = stablehlo_bytes(model, variables, config.model, image_size)
     metadata['compute_dtype'] = str(config.model.dtype)
   else:
@@ -190,17 +190,18 @@ def export_model(config, variables, step: int, *, format: str, output_dir: str, 
   metadata['input']['dynamic_size'] = shape[1] != str(image_size[0])
   output = pathlib.Path(output_dir)
   output.mkdir(parents=True, exist_ok=True)
-  path = _write(output, FILE_NAMES[format], data)
-  metadata.update(format=format, file=path.name, sha256=hashlib.sha256(data).hexdigest(),
+  path = _write(output, FILE_NAMES[file_format], data)
+  metadata.update(format=file_format, file=path.name, sha256=hashlib.sha256(data).hexdigest(),
                   bytes=len(data))
   _write(output, METADATA_FILE, (json.dumps(metadata, indent=1) + '\n').encode())
   return path
 
 
-def export_workdir(workdir: str, checkpoint: str, format: str, output_dir: str) -> pathlib.Path:  # pylint: disable=redefined-builtin
+def export_workdir(workdir: str, checkpoint: str, file_format: str,
+                   output_dir: str) -> pathlib.Path:
   config, variables, step = restore(workdir, checkpoint)
   variables = jax.tree.map(np.asarray, variables)
-  return export_model(config, variables, step, format=format, output_dir=output_dir,
+  return export_model(config, variables, step, file_format=file_format, output_dir=output_dir,
                       workdir=workdir)
 
 

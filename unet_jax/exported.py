@@ -69,14 +69,17 @@ def _check_onnx_props(model_path: str, props: dict, metadata: dict) -> None:
                         'different exports')
 
 
-def load_onnx(directory, providers=('CPUExecutionProvider',)) -> tuple[Callable, dict]:
-  """(run, metadata): run(images) -> logits through an ONNX Runtime session."""
+def load_onnx(directory, providers=('CPUExecutionProvider',),
+              session_options=None) -> tuple[Callable, dict]:
+  """(run, metadata): run(images) -> logits through an ONNX Runtime session
+  (`session_options`: an onnxruntime.SessionOptions, or None for the defaults)."""
   import onnxruntime  # pylint: disable=g-import-not-at-top
   metadata = read_metadata(directory)
   if metadata['format'] != 'onnx':
     raise ExportError(f"{metadata['path']} is a {metadata['format']} export, not ONNX")
   try:
-    session = onnxruntime.InferenceSession(metadata['path'], providers=list(providers))
+    session = onnxruntime.InferenceSession(metadata['path'], sess_options=session_options,
+                                           providers=list(providers))
   except Exception as error:  # pylint: disable=broad-except
     raise ExportError(f"{metadata['path']} is not a loadable ONNX model: {error}") from error
   _check_onnx_props(metadata['path'], session.get_modelmeta().custom_metadata_map, metadata)
@@ -98,7 +101,8 @@ def load_stablehlo(directory) -> tuple[Callable, dict]:
   try:
     module = jax_export.deserialize(bytearray(pathlib.Path(metadata['path']).read_bytes()))
   except Exception as error:  # pylint: disable=broad-except
-    raise ExportError(f"{metadata['path']} is not a serialized jax.export module: {error}") from error
+    raise ExportError(
+        f"{metadata['path']} is not a serialized jax.export module: {error}") from error
   if len(module.in_avals) != 1 or len(module.in_avals[0].shape) != 4:
     raise ExportError(f"{metadata['path']} does not take one NHWC image batch")
 

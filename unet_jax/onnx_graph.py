@@ -23,10 +23,8 @@ refused by name. Along the way:
 
 from collections.abc import Callable, Sequence
 import dataclasses
-import operator
 
 import jax
-from jax import export as jax_export
 from jax.extend import core as jex_core
 import numpy as np
 import onnx
@@ -223,7 +221,8 @@ def _per_channel(array: np.ndarray, rank: int, perm: tuple[int, ...], channels: 
   if array.ndim != rank:
     return None
   array = np.transpose(array, perm)
-  if any(n != 1 for i, n in enumerate(array.shape) if i != 1) or array.shape[1] not in (1, channels):
+  if (any(n != 1 for i, n in enumerate(array.shape) if i != 1)
+      or array.shape[1] not in (1, channels)):
     return None
   return np.broadcast_to(array.reshape(-1), (channels,)).astype(np.float64)
 
@@ -662,7 +661,7 @@ def to_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, *, input_name: str = 'imag
   (output,) = _run(graph, closed.jaxpr, closed.consts,
                    [Tensor(input_name, tuple(range(len(spec.shape))))])
   out_aval = closed.jaxpr.outvars[0].aval
-  final = graph.tensor(output, tuple(range(len(out_aval.shape))), )
+  final = graph.tensor(output, tuple(range(len(out_aval.shape))))
   graph.nodes.append(helper.make_node('Identity', [final], [output_name]))
 
   def value_info(name, shape, dtype):
@@ -679,8 +678,3 @@ def to_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, *, input_name: str = 'imag
     helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
   return model
 
-
-def symbolic_spec(shape: Sequence[int | str], dtype=np.float32) -> jax.ShapeDtypeStruct:
-  """A ShapeDtypeStruct from sizes and `jax.export` expressions ('b', '16*h')."""
-  text = ', '.join(str(s) for s in shape)
-  return jax.ShapeDtypeStruct(jax_export.symbolic_shape(text), dtype)
