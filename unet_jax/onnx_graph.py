@@ -191,7 +191,7 @@ class _Graph:
       if perm is not None and array.ndim == len(perm):
         array = np.transpose(array, perm)
       return self.constant(np.ascontiguousarray(array))
-    if perm is None or tuple(perm) == value.perm:
+    if perm is None or tuple(perm) == value.perm or not value.perm:  # scalars broadcast
       return value.name
     # ONNX axis i must hold logical perm[i]; the tensor's axis j holds value.perm[j].
     order = [value.perm.index(axis) for axis in perm]
@@ -266,7 +266,8 @@ def _elementwise(graph, eqn, values, foldable):
         x = graph.materialize(x)
         return [Tensor(graph.node('Relu', [x.name]), x.perm)]
   tensors = [graph.materialize(v) for v in values]
-  perm = next((t.perm for t in tensors if isinstance(t, Tensor)), tuple(range(rank)))
+  perm = next((t.perm for t in tensors if isinstance(t, Tensor) and len(t.perm) == rank),
+              tuple(range(rank)))
   inputs = [graph.tensor(t, perm) for t in tensors]
   return [Tensor(graph.node(_ELEMENTWISE[name], inputs), perm)]
 
@@ -563,6 +564,14 @@ def _inner_jaxpr(eqn):
   raise UnsupportedError(f'{eqn.primitive.name} without an inner jaxpr')
 
 
+def _dim_as_value(graph, eqn):
+  dim, dtype = eqn.params['dim'], np.dtype(eqn.outvars[0].aval.dtype)
+  if not _is_symbolic(dim):
+    return Const(np.array(dim, dtype))
+  scalar = graph.node('Reshape', [graph.dim(dim), graph.constant(np.zeros(0, np.int64))])
+  return Tensor(graph.node('Cast', [scalar], to=_DTYPES[dtype]), ())
+
+
 def _fold_constants(eqn, arrays):
   shapes = [v.aval.shape for v in eqn.invars]
   if any(_is_symbolic(n) for shape in shapes for n in shape):
@@ -603,6 +612,8 @@ def _run(graph: _Graph, jaxpr, consts, inputs) -> list:
     if name in _INLINED:
       inner = _inner_jaxpr(eqn)
       outputs = _run(graph, inner.jaxpr, inner.consts, values)
+    elif name == 'dim_as_value':  # a (symbolic) size used as a number, e.g. by a mean
+      outputs = [_dim_as_value(graph, eqn)]
     elif all(isinstance(v, Const) for v in values):
       outputs = _fold_constants(eqn, [v.array for v in values])
     elif name in _RULES:
