@@ -3,10 +3,10 @@ r"""Exports a trained U-Net to StableHLO or ONNX, with what a consumer needs.
     python -m unet_jax.export --workdir=runs/carla --checkpoint=best \
         --format=onnx|stablehlo --output=DIR
 
-Writes into DIR `model.onnx` or `model.stablehlo` and `model.json` beside it:
-the file's sha256, the class names and colours, the input (float32 NHWC RGB
-in [0, 1], its training size and which sizes the model takes), the output,
-the checkpoint step and the whole config. `unet_jax.exported` loads both
+Writes into DIR (one export per folder) `model.onnx` or `model.stablehlo`
+and `model.json` beside it: the file's sha256, the class names and colours,
+the input (float32 NHWC RGB in [0, 1], its training size and which sizes the
+model takes), the output, the checkpoint step and the whole config. `unet_jax.exported` loads both
 files and refuses a damaged or mismatched pair.
 
 * stablehlo: `jax.export` of the model's logits function, the variables
@@ -189,6 +189,10 @@ def export_model(config, variables, step: int, *, file_format: str, output_dir: 
   metadata['input']['shape'] = shape
   metadata['input']['dynamic_size'] = shape[1] != str(image_size[0])
   output = pathlib.Path(output_dir)
+  for other, name in FILE_NAMES.items():
+    if other != file_format and (output / name).exists():
+      raise ValueError(f'{output / name} exists: {output_dir} holds a {other} export; '
+                       'write each format to its own folder')
   output.mkdir(parents=True, exist_ok=True)
   path = _write(output, FILE_NAMES[file_format], data)
   metadata.update(format=file_format, file=path.name, sha256=hashlib.sha256(data).hexdigest(),
