@@ -41,7 +41,7 @@ peer: $(INSTALLED)
 
 # Train-step speed against the same U-Net in PyTorch, in one process (README: Speed).
 benchmark: peer
-	$(PY) -m unet_jax.benchmark --config=configs/carla.py --config.batch_size=32 \
+	$(PY) -m benchmarks.train_speed --config=configs/carla.py --config.batch_size=32 \
 		--config.model.use_batch_norm=False --peer=torch --json=benchmark.json
 
 clean:

@@ -1,6 +1,6 @@
 r"""Images per second delivered by `train_batches`, against the train step's rate.
 
-    python scripts/benchmark_input_pipeline.py [--data_dir=data/synthetic_benchmark] \
+    python -m benchmarks.input_pipeline_speed [--data_dir=data/synthetic_benchmark] \
         [--num_scenes=500] [--epochs=2] [--train_steps=5]
 
 The CARLA setting (configs/carla.py: 96x128, batch 32) on synthetic 640x480
