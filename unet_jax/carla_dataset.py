@@ -23,6 +23,7 @@ import os
 import pathlib
 import shutil
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from unet_jax import carla_files
@@ -126,6 +127,13 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
   # for a checksums file beside this module imports `importlib_resources`,
   # which is not a dependency.
   url_infos = None
+
+  # tfds prints its download banners to stdout; this builder downloads nothing.
+  def _log_download_bytes(self) -> None:
+    logging.info('Preparing the frames once, into %s', self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info('Prepared.')
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import classes
+from unet_jax import console
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
@@ -223,6 +224,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags, defined only when it runs, so importing never clashes."""
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
+  flags.DEFINE_bool('verbose', False, "Show every library's log lines on the console too.")
   flags.DEFINE_string('split', 'validation', "'validation', 'test' or 'train'.")
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_string('data_dir', None, 'A CARLA-format folder to evaluate instead of a split.')
@@ -233,6 +235,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=FLAGS.verbose)
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                       FLAGS.data_dir, FLAGS.num_images)
   print(f'step {summary["step"]}: pixel accuracy {summary["pixel_accuracy"]:.4f}, '

@@ -5,12 +5,15 @@ the same workdir, training resumes from the latest checkpoint. This file only
 parses flags; the work is in `unet_jax.train`.
 """
 
+import pathlib
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from unet_jax import console
 from unet_jax import distributed
 from unet_jax import train
 
@@ -22,17 +25,37 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for multi-process runs (or JAX_COORDINATOR_ADDRESS).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (or JAX_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
+flags.DEFINE_bool('verbose', False, "Show every library's log lines on the console too.")
 flags.mark_flags_as_required(['config', 'workdir'])
+
+LOG_FILE = 'train.log'
+
+
+def config_summary(config) -> str:
+  """The run in one line; the whole config goes to the log file and config.json."""
+  model = config.model
+  height, width = config.data.image_size
+  return (f'U-Net {model.get("encoder", "unet")} (base {model.base_filters}, depth {model.depth}, '
+          f'{model.padding}{", batch norm" if model.use_batch_norm else ""}, {model.dtype}) at '
+          f'{height}x{width} on {config.data.data_dir}; batch {config.batch_size}, '
+          f'{config.num_epochs} epochs, {config.optimizer} {config.learning_rate:g} '
+          f'{config.lr_schedule}, class weights {config.class_weighting}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=FLAGS.verbose)
   distributed.initialize(FLAGS.config.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
+  log_file = pathlib.Path(FLAGS.workdir) / (
+      LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log')
+  console.add_log_file(log_file)
   logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
-  logging.info('Config:\n%s', FLAGS.config)
+               jax.process_count(), jax.local_devices(), extra=console.FILE_ONLY)
+  logging.info('Config:\n%s', FLAGS.config, extra=console.FILE_ONLY)
+  logging.info('%s', config_summary(FLAGS.config))
+  logging.info('Workdir %s (log: %s)', FLAGS.workdir, log_file)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import carla_files
+from unet_jax import console
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
@@ -344,6 +345,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags, defined only when it runs, so importing never clashes."""
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
+  flags.DEFINE_bool('verbose', False, "Show every library's log lines on the console too.")
   flags.DEFINE_string('input', None, 'A PNG image or a folder of them.')
   flags.DEFINE_string('output', None, 'Folder for the predictions (not containing inputs).')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
@@ -356,9 +358,9 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=FLAGS.verbose)
   run = predict_files(FLAGS.workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint,
                       mode=FLAGS.mode, batch_size=FLAGS.batch_size)
-  print(f'wrote {len(run.written)} prediction(s) to {FLAGS.output} in {run.seconds:.1f} s')
   if run.failed:
     print(f'{len(run.failed)} input(s) failed:')
     for _, why in run.failed:

@@ -413,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
           last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
           writer.write(step, {**_eval_scalars(config.eval_split, last_eval),
-                              'epoch': end_of_epoch})
+                              'epoch': end_of_epoch}, echo=False)
           checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
           logging.info('epoch %d: %s pixel accuracy %.4f, mean IoU %.4f', end_of_epoch,
                        config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
@@ -428,6 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     logging.info('Final %s metrics at step %d:\n%s', config.eval_split, step,
                  metric_logging.per_class_table(last_eval))
+    logging.info('Checkpoints, metrics.jsonl and TensorBoard events (tensorboard --logdir %s) '
+                 'are in %s', workdir, workdir)
   return {**last_eval, 'step': step}
 
 
