@@ -47,6 +47,7 @@ import numpy as np
 from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import train
+from unet_jax import xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file (Python).',
@@ -408,6 +409,7 @@ def write_json(path: str, results: dict) -> None:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   results = run(FLAGS.config, peer=FLAGS.peer, torch_compile=FLAGS.torch_compile,

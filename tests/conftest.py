@@ -14,6 +14,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # noqa: E402
 
+from unet_jax import xla_flags  # noqa: E402
+
+# The flags the entry points run with, for every test (before JAX starts).
+xla_flags.set_default_flags()
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_CARLA = REPO.parent / 'shared' / 'carla'
 

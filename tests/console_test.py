@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from unet_jax import console
+from unet_jax import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,7 @@ def _train(synthetic_dir, workdir, *extra_flags) -> subprocess.CompletedProcess:
              '--config.data.validation_fraction=0.25', '--config.data.test_fraction=0.0',
              f'--config.data.prepared_dir={workdir}/prepared', *extra_flags]
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  env.pop('XLA_FLAGS', None)  # (the tests' own process has set the defaults)
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
 
 
@@ -51,3 +53,4 @@ def test_a_tiny_training_run_prints_under_40_lines_and_logs_everything(synthetic
   assert 'batch 4' in lines[0]  # the config, in one line
   log = (tmp_path / 'run' / 'train.log').read_text()
   assert 'orbax' in log.lower() and 'Config:' in log  # nothing is lost
+  assert xla_flags.CPU_FLAGS[0] in log  # the entry point applied the default XLA flags

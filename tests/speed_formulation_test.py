@@ -6,6 +6,11 @@ against XLA's own defaults.
 """
 
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,6 +130,16 @@ def test_default_flags_are_appended_and_never_override_the_user():
   assert xla_flags.with_default_flags('', '0.10.2', platforms='cuda,cpu') == added
   for version in ('0.11.2', '0.12.0.1'):  # the GPU image's and the pinned set-up's
     assert xla_flags.with_default_flags('', version) == added
+
+
+def test_importing_the_package_sets_no_xla_flags():
+  # (Libraries it imports set variables of their own, such as TF_CPP_MIN_LOG_LEVEL.)
+  code = ('import os, sys\n'
+          'import unet_jax.train, unet_jax.evaluate, unet_jax.predict, unet_jax.main\n'
+          'sys.exit("XLA_FLAGS" in os.environ)\n')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run([sys.executable, '-c', code], check=True, env=env,
+                 cwd=pathlib.Path(__file__).parents[1])
 
 
 def test_default_flags_give_the_same_train_gradients_as_xla_defaults():

@@ -39,6 +39,7 @@ from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import train
 from unet_jax import visualize
+from unet_jax import xla_flags
 
 EVAL_DIR = 'eval'
 
@@ -233,6 +234,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(verbose=FLAGS.verbose)

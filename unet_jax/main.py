@@ -5,6 +5,7 @@ the same workdir, training resumes from the latest checkpoint. This file only
 parses flags; the work is in `unet_jax.train`.
 """
 
+import os
 import pathlib
 
 from absl import app
@@ -16,6 +17,7 @@ from ml_collections import config_flags
 from unet_jax import console
 from unet_jax import distributed
 from unet_jax import train
+from unet_jax import xla_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for the config, checkpoints and logs.')
@@ -43,6 +45,7 @@ def config_summary(config) -> str:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(verbose=FLAGS.verbose)
@@ -51,8 +54,9 @@ def main(argv):
   log_file = pathlib.Path(FLAGS.workdir) / (
       LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log')
   console.add_log_file(log_file)
-  logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
-               jax.process_count(), jax.local_devices(), extra=console.FILE_ONLY)
+  logging.info('JAX process %d of %d, local devices %s, XLA_FLAGS=%r', jax.process_index(),
+               jax.process_count(), jax.local_devices(), os.environ.get('XLA_FLAGS', ''),
+               extra=console.FILE_ONLY)
   logging.info('Config:\n%s', FLAGS.config, extra=console.FILE_ONLY)
   logging.info('%s', config_summary(FLAGS.config))
   logging.info('Workdir %s (log: %s)', FLAGS.workdir, log_file)

@@ -50,6 +50,7 @@ from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import train
 from unet_jax import visualize
+from unet_jax import xla_flags
 
 MODES = ('resize', 'tile')
 OUTPUT_SUFFIXES = ('_mask.png', '_color.png', '_overlay.png')
@@ -356,6 +357,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(verbose=FLAGS.verbose)

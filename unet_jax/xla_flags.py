@@ -1,7 +1,9 @@
 """The XLA CPU options unet_jax runs with by default, set before JAX starts.
 
-XLA reads `XLA_FLAGS` once, when JAX creates its first backend, so
-`unet_jax/__init__.py` appends these to the environment variable at import.
+XLA reads `XLA_FLAGS` once, when JAX creates its first backend, so each
+entry point's `main` appends these to the environment variable first (a
+library module changes no global state at import; a program that calls
+unet_jax's functions itself can call `set_default_flags()` before JAX starts).
 A flag the user already set in `XLA_FLAGS` is left as the user set it.
 
 `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` leaves
