@@ -66,6 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.brightness = 0.2  # colour jitter amplitudes; 0 is off
   config.data.augment.contrast = 0.2
   config.data.augment.saturation = 0.2
+  # (height, width): train on random crops of this size of the frames at
+  # image_size, scaled by augment.scale_range first; evaluation and prediction
+  # take whole frames. () trains on whole frames.
+  config.data.train_crop_size = ()
+  # Draw training frames holding these classes more often: a frame of average
+  # rare-class content 1 + rare_boost times as often as one with none; 0 is off.
+  config.data.rare_classes = ('Pedestrian', 'Pole', 'TrafficSign', 'TrafficLight')
+  config.data.rare_boost = 0.0
 
   # ---- optimisation (unet_jax.train) ----
   config.batch_size = 8  # global, over all devices and processes
@@ -81,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ignore_label = -1  # pixels with this label are left out; -1: none
   config.class_weighting = 'median'  # 'none', 'inverse' or 'median' frequency
   config.class_weight_max = 5.0  # cap on a single class weight
+  # Weight of a Lovasz-softmax term added to the cross-entropy (unet_jax.losses); 0 is off.
+  config.lovasz_weight = 0.0
 
   # ---- loop ----
   config.log_every_steps = 10
