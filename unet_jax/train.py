@@ -194,8 +194,9 @@ def compile_train_step(config, mesh, learning_rate_fn, class_weights):
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def compile_eval_step(config, mesh, model):
-  step = functools.partial(eval_step, apply_fn=model.apply,
+def compile_eval_step(config, mesh, model, apply_fn=None):
+  """The jitted eval step of `model`; `apply_fn` replaces model.apply (see unet_jax.tta)."""
+  step = functools.partial(eval_step, apply_fn=apply_fn or model.apply,
                            num_classes=config.model.num_classes, ignore_label=config.ignore_label)
   return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh)),
                  out_shardings=replicated(mesh))
