@@ -1,6 +1,7 @@
 """The tensorflow-datasets builder: splits, features, metadata, re-preparation."""
 
 import collections
+import importlib
 import shutil
 import sys
 
@@ -125,8 +126,7 @@ def test_bad_pair_fails_before_anything_is_prepared(tmp_path):
 
 
 def test_real_pairs_class_shares_match_readme(shared_carla_dir, tmp_path):
-  # Its 14 recordings leave the default test split empty (none hashes below
-  # 0.15); the held-out recordings of the full set play that part.
+  # With test_fraction=0 every frame lands in train or validation.
   builder = carla_dataset.prepare(shared_carla_dir, prepared_dir=str(tmp_path),
                                   validation_fraction=0.3, test_fraction=0.0)
   assert set(carla_dataset.split_sizes(builder)) == {'train', 'validation'}
@@ -137,10 +137,28 @@ def test_real_pairs_class_shares_match_readme(shared_carla_dir, tmp_path):
     total += len(source)
     counts += carla_files.class_pixel_counts(
         source[i]['segmentation_mask'] for i in range(len(source)))
-  assert total == 258
+  assert total == 490
   shares = 100 * counts / counts.sum()
-  readme = {'Road': 44.38, 'Sky': 33.23, 'Vegetation': 7.04, 'Building': 5.39, 'Terrain': 3.00,
-            'SideWalk': 1.58, 'Wall': 1.37, 'GuardRail': 1.19}
+  readme = {'Road': 44.20, 'Sky': 33.14, 'Vegetation': 7.15, 'Building': 5.36, 'Terrain': 3.07,
+            'SideWalk': 1.61, 'Wall': 1.35, 'GuardRail': 1.20, 'RoadLine': 1.02, 'Vehicles': 0.66}
   for name, share in readme.items():
     assert abs(shares[classes.CLASS_NAMES.index(name)] - share) < 0.05, name
   assert counts[0] == 0
+
+
+def test_carla_config_split_of_the_real_frames(shared_carla_dir):
+  # configs/carla.py's fractions on ../shared/carla: at least a third of the
+  # frames, in whole recordings, validate (the README names them).
+  config = importlib.import_module('configs.carla').get_config()
+  data = config.data
+  names = sorted(p.stem for p in (shared_carla_dir / 'CameraRGB').glob('*.png'))
+  splits = carla_dataset.assign_splits(names, data.split_key, data.validation_fraction,
+                                       data.test_fraction)
+  recordings = {split: sorted({n[:3] for n in members}) for split, members in splits.items()}
+  assert recordings == {
+      'train': ['002', '004', '006', '011', '013', '017', '022'],
+      'validation': ['000', '001', '007', '009', '018', '035', '064'],
+  }
+  assert {split: len(members) for split, members in splits.items()} == {'train': 315,
+                                                                       'validation': 175}
+  assert len(splits['validation']) >= len(names) / 3

@@ -1,5 +1,6 @@
 """Checks a config before anything starts, naming the field that is wrong."""
 
+from unet_jax import classes
 from unet_jax import models
 
 
@@ -41,5 +42,18 @@ def check_config(config, num_devices: int) -> None:
       models.check_input_size(config.data.image_size, config.model.depth, config.model.padding)
     except ValueError as error:
       problems.append(f'data.image_size: {error}')
+  crop_size = config.data.get('train_crop_size') or ()
+  if crop_size and config.model.depth >= 1:
+    try:
+      models.check_input_size(crop_size, config.model.depth, config.model.padding)
+    except ValueError as error:
+      problems.append(f'data.train_crop_size: {error}')
+  unknown = [c for c in config.data.get('rare_classes', ()) if c not in classes.CLASS_NAMES]
+  require(not unknown, f'data.rare_classes: unknown class name(s) {unknown}; known: '
+          f'{", ".join(classes.CLASS_NAMES)}')
+  require(config.data.get('rare_boost', 0.0) >= 0,
+          f'data.rare_boost must be >= 0, got {config.data.get("rare_boost")}')
+  require(config.get('lovasz_weight', 0.0) >= 0,
+          f'lovasz_weight must be >= 0, got {config.get("lovasz_weight")}')
   if problems:
     raise ConfigError('invalid config: ' + '; '.join(problems))

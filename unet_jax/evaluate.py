@@ -1,7 +1,8 @@
 r"""Evaluates a trained checkpoint and writes a report a person can read.
 
     python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
-        [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8]
+        [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8] \
+        [--tta_flip] [--tta_scales=1.0,0.75,1.25]
 
 Works from the workdir alone: its config.json and checkpoints. With
 --data_dir it evaluates every pair of any CARLA-format folder instead of a
@@ -38,6 +39,7 @@ from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import train
+from unet_jax import tta
 from unet_jax import visualize
 from unet_jax import xla_flags
 
@@ -65,7 +67,8 @@ def _host_copy(x) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def collect_examples(model, variables, data, mesh, num_images: int, ignore_label: int) -> dict:
+def collect_examples(model, variables, data, mesh, num_images: int, ignore_label: int,
+                     apply_fn=None) -> dict:
   """The first `num_images` frames of a split with their predictions, as numpy.
 
   Images are cropped to the labelled centre (all of it with SAME padding), so
@@ -74,7 +77,7 @@ def collect_examples(model, variables, data, mesh, num_images: int, ignore_label
   replicated = train.replicated(mesh)
 
   def predict(variables, batch):
-    logits = model.apply(variables, batch['image'], train=False)
+    logits = (apply_fn or model.apply)(variables, batch['image'], train=False)
     return batch['image'], batch['label'], batch['valid'], jnp.argmax(logits, -1)
 
   predict = jax.jit(predict, in_shardings=(replicated, train.data_sharded(mesh)),
@@ -194,8 +197,12 @@ def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
 
 
 def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
-                     data_dir: str | None = None, num_images: int = 8):
+                     data_dir: str | None = None, num_images: int = 8, tta_flip: bool = False,
+                     tta_scales=(1.0,)):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
+
+  tta_flip and tta_scales: test-time augmentation (unet_jax.tta); the default
+  is the model alone.
 
   Returns:
     (summary, out_dir): `train.evaluate`'s summary plus 'step', and the
@@ -206,9 +213,11 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
       workdir, checkpoint, sharding=train.replicated(mesh))
   data, split_name = load_split(config, mesh, split, data_dir, workdir)
   model = models.unet_from_config(config.model)
-  summary = train.evaluate(train.compile_eval_step(config, mesh, model), variables, data)
+  apply_fn = tta.from_flags(model, tta_flip, tta_scales)
+  summary = train.evaluate(train.compile_eval_step(config, mesh, model, apply_fn), variables, data)
   summary['step'] = step
-  examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label)
+  examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
+                              apply_fn)
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}'
   if jax.process_index() == 0:
     record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
@@ -230,6 +239,8 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_string('data_dir', None, 'A CARLA-format folder to evaluate instead of a split.')
   flags.DEFINE_integer('num_images', 8, 'Frames shown in examples.png.')
+  flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
+  flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25.')
   flags.mark_flag_as_required('workdir')
 
 
@@ -239,7 +250,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(verbose=FLAGS.verbose)
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
-                                      FLAGS.data_dir, FLAGS.num_images)
+                                      FLAGS.data_dir, FLAGS.num_images, FLAGS.tta_flip,
+                                      FLAGS.tta_scales)
   print(f'step {summary["step"]}: pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '
         f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')

@@ -1,7 +1,8 @@
 r"""Runs a trained U-Net on images of any size; writes masks and pictures.
 
     python -m unet_jax.predict --workdir=runs/carla --input=FILE_OR_DIR --output=DIR \
-        [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N]
+        [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N] \
+        [--tta_flip] [--tta_scales=1.0,0.75,1.25]
 
 For every input PNG (a file, or every file of a folder) it writes into
 --output `<stem>_mask.png` (the CARLA mask format: class index in channel 0,
@@ -49,6 +50,7 @@ from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import train
+from unet_jax import tta
 from unet_jax import visualize
 from unet_jax import xla_flags
 
@@ -236,9 +238,11 @@ class _Pending:
   remaining: int
 
 
-def _compile_predict(model, mesh):
+def _compile_predict(model, mesh, apply_fn=None):
+  apply_fn = apply_fn or model.apply
+
   def predict(variables, images):
-    return jnp.argmax(model.apply(variables, images, train=False), axis=-1).astype(jnp.uint8)
+    return jnp.argmax(apply_fn(variables, images, train=False), axis=-1).astype(jnp.uint8)
   return jax.jit(predict, in_shardings=(train.replicated(mesh), train.data_sharded(mesh)),
                  out_shardings=train.data_sharded(mesh))
 
@@ -264,7 +268,8 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
 
 
 def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint: str = 'best',
-                  mode: str = 'resize', batch_size: int = 0) -> PredictionRun:
+                  mode: str = 'resize', batch_size: int = 0, tta_flip: bool = False,
+                  tta_scales=(1.0,)) -> PredictionRun:
   """Predicts every input and writes its three PNGs into output_dir.
 
   Args:
@@ -275,6 +280,8 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
     mode: 'resize' or 'tile' (see the module docstring).
     batch_size: tiles per device batch; 0 takes the training batch size.
       Rounded up to a multiple of the local device count.
+    tta_flip, tta_scales: test-time augmentation of every model input
+      (unet_jax.tta); the default is the model alone.
   """
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -290,7 +297,8 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
-  predict = _compile_predict(models.unet_from_config(config.model), mesh)
+  model = models.unet_from_config(config.model)
+  predict = _compile_predict(model, mesh, tta.from_flags(model, tta_flip, tta_scales))
   logging.info('Predicting %d file(s) with checkpoint %d (%s mode), batches of %d tiles on %d '
                'device(s).', len(paths), step, mode, batch_size, devices)
 
@@ -353,6 +361,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('mode', 'resize', MODES,
                     'resize: to the training size and back; tile: native resolution.')
   flags.DEFINE_integer('batch_size', 0, 'Tiles per batch; 0: the training batch size.')
+  flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
+  flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25.')
   flags.mark_flags_as_required(['workdir', 'input', 'output'])
 
 
@@ -362,7 +372,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(verbose=FLAGS.verbose)
   run = predict_files(FLAGS.workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint,
-                      mode=FLAGS.mode, batch_size=FLAGS.batch_size)
+                      mode=FLAGS.mode, batch_size=FLAGS.batch_size, tta_flip=FLAGS.tta_flip,
+                      tta_scales=FLAGS.tta_scales)
   if run.failed:
     print(f'{len(run.failed)} input(s) failed:')
     for _, why in run.failed:

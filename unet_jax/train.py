@@ -24,6 +24,7 @@ from unet_jax import checkpointing
 from unet_jax import classes
 from unet_jax import config_checks
 from unet_jax import input_pipeline
+from unet_jax import losses
 from unet_jax import metric_logging
 from unet_jax import metrics as metrics_lib
 from unet_jax import models
@@ -55,7 +56,7 @@ def data_sharded(mesh):
 
 
 # --------------------------------------------------------------------------
-# Optimizer and loss.
+# Optimizer.
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
@@ -89,51 +90,6 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.grad_clip_norm:
     optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
-
-
-def class_weights_from_counts(pixel_counts: np.ndarray, method: str,
-                              max_weight: float) -> np.ndarray | None:
-  """Per-class loss weights from training pixel counts; None for 'none'.
-
-  'inverse': total / (classes present * count), so a uniform distribution
-  gives 1 everywhere; 'median': median frequency / frequency (Eigen & Fergus).
-  Absent classes get weight 1 (they never occur in a label), and no weight
-  exceeds `max_weight`, so that a class of a handful of pixels cannot
-  dominate the loss.
-  """
-  if method == 'none':
-    return None
-  counts = np.asarray(pixel_counts, np.float64)
-  present = counts > 0
-  frequency = counts / counts.sum()
-  if method == 'inverse':
-    weights = np.where(present, 1.0 / (present.sum() * np.maximum(frequency, 1e-12)), 1.0)
-  elif method == 'median':
-    weights = np.where(present, np.median(frequency[present]) / np.maximum(frequency, 1e-12), 1.0)
-  else:
-    raise ValueError(f"class_weighting must be 'none', 'inverse' or 'median', got {method!r}")
-  return np.minimum(weights, max_weight).astype(np.float32)
-
-
-def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, class_weights=None):
-  """Softmax cross-entropy averaged over valid pixels.
-
-  Returns (sum of weighted per-pixel losses, sum of weights); the mean is
-  their ratio. Pixels labelled `ignore_label`, outside [0, num_classes), or
-  in an example with valid=False weigh nothing. With class weights the mean
-  is the weighted mean sum(w * loss) / sum(w).
-  """
-  num_classes = logits.shape[-1]
-  in_range = (labels >= 0) & (labels < num_classes) & (labels != ignore_label)
-  if valid is not None:
-    in_range &= valid.reshape(valid.shape + (1,) * (labels.ndim - valid.ndim))
-  safe_labels = jnp.where(in_range, labels, 0)
-  per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                              safe_labels)
-  weights = in_range.astype(jnp.float32)
-  if class_weights is not None:
-    weights = weights * jnp.asarray(class_weights)[safe_labels]
-  return jnp.sum(per_pixel * weights), jnp.sum(weights)
 
 
 # --------------------------------------------------------------------------
@@ -174,8 +130,12 @@ def model_variables(state: TrainState) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int,
-               class_weights, learning_rate_fn):
-  """One optimisation step; returns the new state and summable metrics."""
+               class_weights, learning_rate_fn, lovasz_weight: float = 0.0):
+  """One optimisation step; returns the new state and summable metrics.
+
+  The loss is the (class-weighted) cross-entropy, plus lovasz_weight times
+  the Lovasz-softmax loss when that is > 0.
+  """
   key = jax.random.fold_in(dropout_key, state.step)
   labels = batch['label']
 
@@ -187,10 +147,14 @@ def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int
       mutable = ['batch_stats']
     logits, updates = state.apply_fn(variables, batch['image'], train=True,
                                      rngs={'dropout': key}, mutable=mutable)
-    loss_sum, weight_sum = segmentation_loss(logits, labels, valid=batch['valid'],
-                                             ignore_label=ignore_label,
-                                             class_weights=class_weights)
-    return loss_sum / jnp.maximum(weight_sum, 1e-12), (logits, updates)
+    loss_sum, weight_sum = losses.segmentation_loss(logits, labels, valid=batch['valid'],
+                                                    ignore_label=ignore_label,
+                                                    class_weights=class_weights)
+    loss = loss_sum / jnp.maximum(weight_sum, 1e-12)
+    if lovasz_weight:
+      loss += lovasz_weight * losses.lovasz_softmax(logits, labels, valid=batch['valid'],
+                                                    ignore_label=ignore_label)
+    return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
@@ -217,20 +181,22 @@ def eval_step(variables: dict, batch: dict, *, apply_fn, num_classes: int, ignor
   labels = batch['label']
   weights = batch['valid'][:, None, None] & (labels != ignore_label)
   confusion = metrics_lib.confusion_matrix(labels, jnp.argmax(logits, -1), num_classes, weights)
-  loss_sum, weight_sum = segmentation_loss(logits, labels, valid=batch['valid'],
-                                           ignore_label=ignore_label)
+  loss_sum, weight_sum = losses.segmentation_loss(logits, labels, valid=batch['valid'],
+                                                  ignore_label=ignore_label)
   return confusion, loss_sum, weight_sum
 
 
 def compile_train_step(config, mesh, learning_rate_fn, class_weights):
   step = functools.partial(train_step, ignore_label=config.ignore_label,
-                           class_weights=class_weights, learning_rate_fn=learning_rate_fn)
+                           class_weights=class_weights, learning_rate_fn=learning_rate_fn,
+                           lovasz_weight=float(config.get('lovasz_weight', 0.0)))
   return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def compile_eval_step(config, mesh, model):
-  step = functools.partial(eval_step, apply_fn=model.apply,
+def compile_eval_step(config, mesh, model, apply_fn=None):
+  """The jitted eval step of `model`; `apply_fn` replaces model.apply (see unet_jax.tta)."""
+  step = functools.partial(eval_step, apply_fn=apply_fn or model.apply,
                            num_classes=config.model.num_classes, ignore_label=config.ignore_label)
   return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh)),
                  out_shardings=replicated(mesh))
@@ -361,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointing.save_config(workdir, config)
   start_step = int(state.step)
 
-  class_weights = class_weights_from_counts(
+  class_weights = losses.class_weights_from_counts(
       train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
   p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
   p_eval_step = compile_eval_step(config, mesh, model)
