@@ -1,8 +1,9 @@
 """A tensorflow-datasets builder for a CARLA-format folder, and its splits.
 
-The user's folder is the builder's manual directory. `prepare` validates
-every pair, writes ArrayRecord files under `<data_dir>/.prepared` (or
-`config.data.prepared_dir`) and returns the builder; `data_source` reads a
+The user's folder is the builder's manual directory, only ever read. `prepare`
+validates every pair, writes ArrayRecord files into a cache outside it
+(`config.data.prepared_dir`, else `$UNET_JAX_CACHE`, else
+`$XDG_CACHE_HOME/unet_jax`, else `~/.cache/unet_jax`) and returns the builder; `data_source` reads a
 split back with random access and no TensorFlow.
 
 Splits are assigned by a stable hash (sha256) of a group key: the recording
@@ -159,8 +160,19 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
       yield from pool.map(lambda pair: _example(pair, num_classes), pairs)
 
 
+def cache_root() -> pathlib.Path:
+  """Where prepared copies go by default: never into the data folder, which may be read-only."""
+  if os.environ.get('UNET_JAX_CACHE'):
+    return pathlib.Path(os.environ['UNET_JAX_CACHE'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return pathlib.Path(base) / 'unet_jax'
+
+
 def prepared_root(data_dir, prepared_dir: str = '') -> pathlib.Path:
-  return pathlib.Path(prepared_dir) if prepared_dir else pathlib.Path(data_dir) / '.prepared'
+  """The prepared copies' folder. Copies of different data folders share it
+  (each builder config's name carries its folder's hash)."""
+  del data_dir  # the folder's hash is in the builder config's name
+  return pathlib.Path(prepared_dir) if prepared_dir else cache_root() / 'prepared'
 
 
 def _remove_stale_copies(builder: CarlaScenes) -> None:
@@ -185,7 +197,18 @@ def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
   config = builder_config(data_dir, split_key=split_key, validation_fraction=validation_fraction,
                           test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
                           num_classes=num_classes)
-  builder = CarlaScenes(data_dir=prepared_root(data_dir, prepared_dir), config=config)
+  root = prepared_root(data_dir, prepared_dir)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise carla_files.BadDataError(
+        f'{root}: cannot create the folder for prepared data ({error.strerror or error}); set '
+        'config.data.prepared_dir or UNET_JAX_CACHE to a writable folder') from error
+  if not os.access(root, os.W_OK):
+    raise carla_files.BadDataError(
+        f'{root}: the folder for prepared data is not writable; set config.data.prepared_dir '
+        'or UNET_JAX_CACHE to a writable folder')
+  builder = CarlaScenes(data_dir=root, config=config)
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))

@@ -15,8 +15,10 @@ split, preprocessed as in training; the split is then called
 * confusion.png: the row-normalised confusion matrix;
 * examples.png: `num_images` frames as image | truth | prediction | errors.
 
-The metrics come from training's own compiled eval step and `train.evaluate`,
-so for the same checkpoint and split they equal training's evaluation.
+The metrics come from training's own compiled eval step and
+`evaluation.evaluate`, so for the same checkpoint and split they equal
+training's evaluation. The model's variables alone are restored
+(`checkpointing.restore_model`); nothing of training is imported.
 """
 
 from collections.abc import Sequence
@@ -32,11 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax import checkpointing
 from unet_jax import classes
+from unet_jax import cli
+from unet_jax import errors
+from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
-from unet_jax import train
+from unet_jax import sharding
 from unet_jax import visualize
 
 EVAL_DIR = 'eval'
@@ -47,7 +53,7 @@ def load_split(config, mesh, split: str, data_dir: str | None, workdir: str):
   if data_dir is None:
     datasets = input_pipeline.create_datasets(config, mesh)
     if split not in datasets:
-      raise ValueError(f'split must be one of {sorted(datasets)}, got {split!r}')
+      raise errors.UserError(f'split must be one of {sorted(datasets)}, got {split!r}')
     return datasets[split], split
   folder = pathlib.Path(data_dir).resolve()
   # The prepared copy goes into the workdir, not into the person's folder
@@ -69,13 +75,13 @@ def collect_examples(model, variables, data, mesh, num_images: int, ignore_label
   Images are cropped to the labelled centre (all of it with SAME padding), so
   that the four panels of a row line up pixel for pixel.
   """
-  replicated = train.replicated(mesh)
+  replicated = sharding.replicated(mesh)
 
   def predict(variables, batch):
     logits = model.apply(variables, batch['image'], train=False)
     return batch['image'], batch['label'], batch['valid'], jnp.argmax(logits, -1)
 
-  predict = jax.jit(predict, in_shardings=(replicated, train.data_sharded(mesh)),
+  predict = jax.jit(predict, in_shardings=(replicated, sharding.data_sharded(mesh)),
                     out_shardings=replicated)
   images, labels, predictions = [], [], []
   for batch in data.eval_batches():
@@ -192,19 +198,29 @@ def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
 
 
 def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
-                     data_dir: str | None = None, num_images: int = 8):
+                     data_dir: str | None = None, num_images: int = 8,
+                     skip_bad_pairs: bool | None = None):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
 
+  skip_bad_pairs: skip unreadable pairs with a warning instead of stopping;
+    None keeps the training config's setting.
+
   Returns:
-    (summary, out_dir): `train.evaluate`'s summary plus 'step', and the
+    (summary, out_dir): `evaluation.evaluate`'s summary plus 'step', and the
     report folder `<workdir>/eval/<split>-<step>`.
   """
-  mesh = train.create_mesh()
-  config, variables, step = train.restore_variables(
-      workdir, checkpoint, sharding=train.replicated(mesh))
+  mesh = sharding.create_mesh()
+  config, variables, step = checkpointing.restore_model(
+      workdir, checkpoint, sharding=sharding.replicated(mesh))
+  if skip_bad_pairs is not None:
+    config.data.skip_bad_pairs = skip_bad_pairs
+  # The report is written after all the scoring: find out now if it cannot be.
+  if jax.process_index() == 0:
+    checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')
   data, split_name = load_split(config, mesh, split, data_dir, workdir)
   model = models.unet_from_config(config.model)
-  summary = train.evaluate(train.compile_eval_step(config, mesh, model), variables, data)
+  summary = evaluation.evaluate(evaluation.compile_eval_step(config, mesh, model), variables,
+                                data)
   summary['step'] = step
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label)
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}'
@@ -227,6 +243,9 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_string('data_dir', None, 'A CARLA-format folder to evaluate instead of a split.')
   flags.DEFINE_integer('num_images', 8, 'Frames shown in examples.png.')
+  flags.DEFINE_bool('skip_bad_pairs', None,
+                    'Skip unreadable image/mask pairs with a warning (default: the training '
+                    "config's data.skip_bad_pairs).")
   flags.mark_flag_as_required('workdir')
 
 
@@ -234,7 +253,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
-                                      FLAGS.data_dir, FLAGS.num_images)
+                                      FLAGS.data_dir, FLAGS.num_images, FLAGS.skip_bad_pairs)
   print(f'step {summary["step"]}: pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '
         f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')
@@ -242,4 +261,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

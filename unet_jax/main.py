@@ -2,7 +2,8 @@ r"""Trains a U-Net: `python -m unet_jax.main --config=configs/carla.py --workdir
 
 Any config field can be overridden (`--config.batch_size=8`). Started again on
 the same workdir, training resumes from the latest checkpoint. This file only
-parses flags; the work is in `unet_jax.train`.
+parses flags; the work is in `unet_jax.train`. A known error (bad data,
+config, workdir or checkpoint) prints as one line; `-v 1` adds the traceback.
 """
 
 from absl import app
@@ -11,6 +12,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from unet_jax import cli
+from unet_jax import config_checks
 from unet_jax import distributed
 from unet_jax import train
 
@@ -28,6 +31,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_checks.check_fields(FLAGS.config)  # before anything starts, even the runtime
   distributed.initialize(FLAGS.config.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
@@ -37,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

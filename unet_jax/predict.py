@@ -44,10 +44,13 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import carla_files
+from unet_jax import checkpointing
+from unet_jax import cli
+from unet_jax import errors
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
-from unet_jax import train
+from unet_jax import sharding
 from unet_jax import visualize
 
 MODES = ('resize', 'tile')
@@ -66,9 +69,9 @@ def list_inputs(input_path: str | os.PathLike) -> list[pathlib.Path]:
   if path.is_dir():
     files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith('.')]
     if not files:
-      raise ValueError(f'--input folder {path} holds no files')
+      raise errors.UserError(f'--input folder {path} holds no files')
     return files
-  raise ValueError(f'--input {path} is neither a file nor a folder')
+  raise errors.UserError(f'--input {path}: no such file or folder')
 
 
 def check_output_dir(output_dir: str | os.PathLike,
@@ -80,11 +83,11 @@ def check_output_dir(output_dir: str | os.PathLike,
   """
   output = pathlib.Path(output_dir).resolve()
   if output.exists() and not output.is_dir():
-    raise ValueError(f'--output {output_dir} exists and is not a folder')
+    raise errors.UserError(f'--output {output_dir} exists and is not a folder')
   for path in inputs:
     resolved = path.resolve()
     if output == resolved or output in resolved.parents:
-      raise ValueError(
+      raise errors.UserError(
           f'--output {output_dir} contains the input {path}: predictions could overwrite '
           'inputs. Choose an output folder outside the inputs.')
   return output
@@ -237,8 +240,8 @@ class _Pending:
 def _compile_predict(model, mesh):
   def predict(variables, images):
     return jnp.argmax(model.apply(variables, images, train=False), axis=-1).astype(jnp.uint8)
-  return jax.jit(predict, in_shardings=(train.replicated(mesh), train.data_sharded(mesh)),
-                 out_shardings=train.data_sharded(mesh))
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
+                 out_shardings=sharding.data_sharded(mesh))
 
 
 def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
@@ -275,16 +278,17 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
       Rounded up to a multiple of the local device count.
   """
   if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    raise errors.UserError(f'mode must be one of {MODES}, got {mode!r}')
   paths = list_inputs(input_path)
   output = check_output_dir(output_dir, paths)
-  output.mkdir(parents=True, exist_ok=True)
   # One process on all of its own devices: prediction needs no other host.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
-  config, variables, step = train.restore_variables(
-      workdir, checkpoint, sharding=train.replicated(mesh))
+  mesh = sharding.local_mesh()
+  config, variables, step = checkpointing.restore_model(
+      workdir, checkpoint, sharding=sharding.replicated(mesh))
   if config.model.num_classes > 256:
-    raise ValueError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+    raise errors.UserError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+  # Only now, with a model to run: a failed start leaves no empty folder behind.
+  checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
@@ -368,4 +372,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)
