@@ -28,8 +28,13 @@ import tensorflow_datasets as tfds
 
 from unet_jax import carla_files
 from unet_jax import classes
+from unet_jax import errors
 
 SPLIT_KEYS = ('recording', 'name')
+
+
+class SplitError(errors.UserError, ValueError):
+  """The split settings leave a split empty or no frames for training."""
 SPLITS = ('train', 'validation', 'test')
 
 
@@ -56,7 +61,7 @@ def assign_splits(names, split_key: str, validation_fraction: float,
                   test_fraction: float) -> dict[str, list[str]]:
   """Names per split; a split whose fraction is 0 is absent, an empty one is an error."""
   if min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
-    raise ValueError(f'validation_fraction={validation_fraction} and test_fraction={test_fraction} '
+    raise SplitError(f'validation_fraction={validation_fraction} and test_fraction={test_fraction} '
                      'must be >= 0 and leave a positive fraction for training')
   fractions = {'train': 1.0, 'validation': validation_fraction, 'test': test_fraction}
   splits = {s: [] for s in SPLITS if fractions[s] > 0}
@@ -69,7 +74,7 @@ def assign_splits(names, split_key: str, validation_fraction: float,
                 'a split)', 'add frames']
     if split_key != 'name':
       remedies.insert(0, "use config.data.split_key='name' to split frame by frame")
-    raise ValueError(
+    raise SplitError(
         f'split(s) {", ".join(empty)} would be empty: {len(names)} frames form only {groups} '
         f'group(s) by split_key={split_key!r}, and none hashed into them. To fix it, '
         + ', or '.join(remedies) + '.')

@@ -32,7 +32,7 @@ MASK_DIR = 'CameraMask'
 MAX_PIXELS = 50_000_000
 # A frame smaller than this on a side holds no scene worth learning from
 # (resized to the model's input it would be a few blown-up pixels).
-MIN_SIDE = 16
+MIN_SIDE = 8
 # Where the hint for skipping bad pairs points, per program.
 SKIP_HINT = ('set config.data.skip_bad_pairs=True (training) or pass --skip_bad_pairs '
              '(evaluate) to skip them')
@@ -265,7 +265,7 @@ def validate_pairs(data_dir: PathLike, num_classes: int = classes.NUM_CLASSES,
     raise BadDataError(f'{problems[0]} ({SKIP_HINT})')
   if problems and not skip_bad_pairs:
     raise BadDataError(
-        f'{len(problems)} bad files in {data_dir} ({SKIP_HINT}):\n  ' + '\n  '.join(problems))
+        f'{len(problems)} bad file(s) in {data_dir} ({SKIP_HINT}):\n  ' + '\n  '.join(problems))
   if problems:
     warnings.warn(
         f'skipping {len(problems)} bad pair(s) in {data_dir}:\n  ' + '\n  '.join(problems),
