@@ -224,6 +224,15 @@ def restore_model(workdir: str, checkpoint: str = 'best', sharding=None):
   return config, dict(variables), step
 
 
+def check_resumable(workdir: str, config) -> None:
+  """Before any data work: a workdir with checkpoints has a readable config.json
+  of the same model (see `check_same_model`)."""
+  folder = pathlib.Path(workdir) / CHECKPOINT_DIR
+  if (pathlib.Path(workdir) / CONFIG_FILE).exists() and folder.is_dir() and any(
+      p.name.isdigit() for p in folder.iterdir()):
+    check_same_model(load_config(workdir), config, workdir)
+
+
 def check_same_model(saved, config, workdir: str) -> None:
   differences = [f'model.{key}: checkpoint {saved.model.get(key)!r}, config {value!r}'
                  for key, value in config.model.items() if saved.model.get(key) != value]

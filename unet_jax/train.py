@@ -268,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config_checks.check_config(config, num_devices=jax.device_count())
   checkpointing.check_workdir(workdir)
+  checkpointing.check_resumable(workdir, config)
   mesh = create_mesh()
   datasets = input_pipeline.create_datasets(config, mesh)
   train_data = datasets['train']
