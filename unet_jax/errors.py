@@ -5,5 +5,8 @@ bug and keeps its traceback.
 """
 
 
-class UserError(Exception):
-  """A problem in what the user gave; the message names the file or field and what is wrong."""
+class UserError(ValueError):
+  """A problem in what the user gave; the message names the file or field and what is wrong.
+
+  A ValueError, as these errors were before they had a common class.
+  """
