@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # If > 0 and data_dir holds no frames, write this many synthetic scenes there first.
   config.data.synthetic_scenes = 0
   # Where the tensorflow-datasets builder writes the prepared dataset; '' puts it
-  # under <data_dir>/.prepared (one prepared copy per folder).
+  # in $UNET_JAX_CACHE or $XDG_CACHE_HOME/unet_jax (~/.cache/unet_jax), never
+  # into data_dir (one prepared copy per folder and split settings).
   config.data.prepared_dir = ''
   config.data.image_size = (96, 128)  # (height, width) fed to the model
   # Splits by a stable hash of a group key: 'recording' (first three digits of

@@ -2,6 +2,7 @@
 
 import collections
 import importlib
+import pathlib
 import shutil
 import sys
 
@@ -66,7 +67,8 @@ def test_recording_split_keeps_recordings_together(scenes, tmp_path):
   assert not recordings['validation'] & recordings['test']
 
 
-def test_adding_frames_never_moves_existing_ones(tmp_path):
+def test_adding_frames_never_moves_existing_ones(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNET_JAX_CACHE', str(tmp_path / 'cache'))
   data = tmp_path / 'data'
   synthetic.write_scenes(data, 24, seed=0, size=(32, 48))
 
@@ -83,8 +85,10 @@ def test_adding_frames_never_moves_existing_ones(tmp_path):
   after = membership(carla_dataset.prepare(data, **settings))  # re-prepared: content changed
   assert len(after) == 40
   assert {name: after[name] for name in before} == before
-  # The copy of the old content is gone; exactly one prepared copy remains.
-  assert len(list((data / '.prepared' / 'carla_scenes').iterdir())) == 1
+  # The copy of the old content is gone; exactly one prepared copy remains, in
+  # the cache, and nothing was written into the data folder.
+  assert len(list((tmp_path / 'cache' / 'prepared' / 'carla_scenes').iterdir())) == 1
+  assert sorted(p.name for p in data.iterdir()) == ['CameraMask', 'CameraRGB']
 
 
 def test_changed_split_settings_prepare_a_new_copy(scenes, tmp_path):
@@ -113,7 +117,8 @@ def test_empty_split_suggests_splitting_by_name(tmp_path):
     carla_dataset.prepare(tmp_path, split_key='recording')
 
 
-def test_bad_pair_fails_before_anything_is_prepared(tmp_path):
+def test_bad_pair_fails_before_anything_is_prepared(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNET_JAX_CACHE', str(tmp_path / '.prepared'))
   synthetic.write_scenes(tmp_path, 16, seed=0, size=(32, 48))
   (tmp_path / 'CameraMask' / '000002.png').unlink()
   with pytest.raises(carla_files.BadDataError, match='CameraRGB/000002.png'):
@@ -162,3 +167,18 @@ def test_carla_config_split_of_the_real_frames(shared_carla_dir):
   assert {split: len(members) for split, members in splits.items()} == {'train': 315,
                                                                        'validation': 175}
   assert len(splits['validation']) >= len(names) / 3
+
+def test_prepared_copies_go_to_the_xdg_cache_never_into_the_data_folder(tmp_path, monkeypatch):
+  monkeypatch.delenv('UNET_JAX_CACHE', raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  data = tmp_path / 'data'
+  synthetic.write_scenes(data, 16, seed=0, size=(32, 48))
+  before = sorted(str(p) for p in data.rglob('*'))
+  data.chmod(0o555)  # as a shared read-only mount (root still could write; the listing checks)
+  try:
+    builder = carla_dataset.prepare(data, split_key='name', validation_fraction=0.3,
+                                    test_fraction=0.0)
+  finally:
+    data.chmod(0o755)
+  assert pathlib.Path(builder.data_dir).is_relative_to(tmp_path / 'xdg' / 'unet_jax')
+  assert sorted(str(p) for p in data.rglob('*')) == before

@@ -11,6 +11,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     tempfile.gettempdir(), f'unet_jax_test_xla_cache_{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Prepared copies of test data go to one temporary cache per run, not ~/.cache.
+os.environ.setdefault('UNET_JAX_CACHE', tempfile.mkdtemp(prefix='unet_jax_test_cache_'))
 
 import pytest  # noqa: E402
 

@@ -1,6 +1,5 @@
 """The loss, the optimizer and the jitted train/eval steps on in-memory batches."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

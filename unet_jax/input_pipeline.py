@@ -46,6 +46,7 @@ from PIL import Image
 from unet_jax import carla_dataset
 from unet_jax import carla_files
 from unet_jax import classes
+from unet_jax import errors
 from unet_jax import models
 from unet_jax import synthetic
 
@@ -310,8 +311,9 @@ class SegmentationData:
     self.steps_per_epoch = (self.num_examples // global_batch_size if training else
                             -(-self.num_examples // global_batch_size))
     if training and self.steps_per_epoch == 0:
-      raise ValueError(f'the {name} split has {self.num_examples} examples, fewer than one '
-                       f'batch of {global_batch_size}; lower config.batch_size or add data')
+      raise errors.UserError(f'the {name} split has {self.num_examples} examples, fewer than '
+                             f'one batch of {global_batch_size}; lower config.batch_size or add '
+                             'data')
     devices = mesh.shape['data']
     if global_batch_size % devices:
       raise ValueError(f'batch size {global_batch_size} is not divisible by the {devices} '

@@ -2,7 +2,8 @@ r"""Trains a U-Net: `python -m unet_jax.main --config=configs/carla.py --workdir
 
 Any config field can be overridden (`--config.batch_size=8`). Started again on
 the same workdir, training resumes from the latest checkpoint. This file only
-parses flags; the work is in `unet_jax.train`.
+parses flags; the work is in `unet_jax.train`. A known error (bad data,
+config, workdir or checkpoint) prints as one line; `-v 1` adds the traceback.
 """
 
 import os
@@ -14,6 +15,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from unet_jax import checkpointing
+from unet_jax import cli
+from unet_jax import config_checks
 from unet_jax import console
 from unet_jax import distributed
 from unet_jax import train
@@ -27,7 +31,6 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 for multi-process runs (or JAX_COORDINATOR_ADDRESS).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (or JAX_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
-flags.DEFINE_bool('verbose', False, "Show every library's log lines on the console too.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 LOG_FILE = 'train.log'
@@ -48,11 +51,13 @@ def main(argv):
   xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  console.setup(verbose=FLAGS.verbose)
+  config_checks.check_fields(FLAGS.config)  # before anything starts, even the runtime
+  console.setup(verbose=cli.verbose())
   distributed.initialize(FLAGS.config.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   log_file = pathlib.Path(FLAGS.workdir) / (
       LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log')
+  checkpointing.check_workdir(FLAGS.workdir)  # (a clear error if it cannot take the log)
   console.add_log_file(log_file)
   logging.info('JAX process %d of %d, local devices %s, XLA_FLAGS=%r', jax.process_index(),
                jax.process_count(), jax.local_devices(), os.environ.get('XLA_FLAGS', ''),
@@ -64,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

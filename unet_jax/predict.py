@@ -45,11 +45,14 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import carla_files
+from unet_jax import checkpointing
+from unet_jax import cli
 from unet_jax import console
+from unet_jax import errors
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
-from unet_jax import train
+from unet_jax import sharding
 from unet_jax import tta
 from unet_jax import visualize
 from unet_jax import xla_flags
@@ -70,9 +73,9 @@ def list_inputs(input_path: str | os.PathLike) -> list[pathlib.Path]:
   if path.is_dir():
     files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith('.')]
     if not files:
-      raise ValueError(f'--input folder {path} holds no files')
+      raise errors.UserError(f'--input folder {path} holds no files')
     return files
-  raise ValueError(f'--input {path} is neither a file nor a folder')
+  raise errors.UserError(f'--input {path}: no such file or folder')
 
 
 def check_output_dir(output_dir: str | os.PathLike,
@@ -84,11 +87,11 @@ def check_output_dir(output_dir: str | os.PathLike,
   """
   output = pathlib.Path(output_dir).resolve()
   if output.exists() and not output.is_dir():
-    raise ValueError(f'--output {output_dir} exists and is not a folder')
+    raise errors.UserError(f'--output {output_dir} exists and is not a folder')
   for path in inputs:
     resolved = path.resolve()
     if output == resolved or output in resolved.parents:
-      raise ValueError(
+      raise errors.UserError(
           f'--output {output_dir} contains the input {path}: predictions could overwrite '
           'inputs. Choose an output folder outside the inputs.')
   return output
@@ -243,8 +246,8 @@ def _compile_predict(model, mesh, apply_fn=None):
 
   def predict(variables, images):
     return jnp.argmax(apply_fn(variables, images, train=False), axis=-1).astype(jnp.uint8)
-  return jax.jit(predict, in_shardings=(train.replicated(mesh), train.data_sharded(mesh)),
-                 out_shardings=train.data_sharded(mesh))
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
+                 out_shardings=sharding.data_sharded(mesh))
 
 
 def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
@@ -284,16 +287,17 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
       (unet_jax.tta); the default is the model alone.
   """
   if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    raise errors.UserError(f'mode must be one of {MODES}, got {mode!r}')
   paths = list_inputs(input_path)
   output = check_output_dir(output_dir, paths)
-  output.mkdir(parents=True, exist_ok=True)
   # One process on all of its own devices: prediction needs no other host.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
-  config, variables, step = train.restore_variables(
-      workdir, checkpoint, sharding=train.replicated(mesh))
+  mesh = sharding.local_mesh()
+  config, variables, step = checkpointing.restore_model(
+      workdir, checkpoint, sharding=sharding.replicated(mesh))
   if config.model.num_classes > 256:
-    raise ValueError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+    raise errors.UserError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+  # Only now, with a model to run: a failed start leaves no empty folder behind.
+  checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
@@ -354,7 +358,6 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags, defined only when it runs, so importing never clashes."""
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
-  flags.DEFINE_bool('verbose', False, "Show every library's log lines on the console too.")
   flags.DEFINE_string('input', None, 'A PNG image or a folder of them.')
   flags.DEFINE_string('output', None, 'Folder for the predictions (not containing inputs).')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
@@ -370,7 +373,7 @@ def main(argv):
   xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  console.setup(verbose=FLAGS.verbose)
+  console.setup(verbose=cli.verbose())
   run = predict_files(FLAGS.workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint,
                       mode=FLAGS.mode, batch_size=FLAGS.batch_size, tta_flip=FLAGS.tta_flip,
                       tta_scales=FLAGS.tta_scales)
@@ -383,4 +386,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)
