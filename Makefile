@@ -1,6 +1,7 @@
-# Set-up is a virtual environment in .venv with the versions in constraints.txt.
-# Every target installs what it needs first; a second run reuses the environment.
-PYTHON ?= python3
+# Set-up is a virtual environment in .venv (Python >= 3.12, found by
+# scripts/find_python.sh; `make PYTHON=/path/to/python3.12` chooses one) with the
+# versions in constraints.txt. Every target installs what it needs first; a
+# second run reuses the environment.
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -12,8 +13,10 @@ WORKERS ?= 2
 setup: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
+	  python=$$(PYTHON='$(PYTHON)' sh scripts/find_python.sh) || exit 1; \
+	  echo "Creating $(VENV) with $$python"; rm -rf $(VENV); "$$python" -m venv $(VENV); fi
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,export,pretrained]'
 	touch $@
 
 test: $(INSTALLED)
@@ -30,13 +33,16 @@ demo: $(INSTALLED)
 		--output=runs/synthetic/predictions
 	$(PY) -m unet_jax.export --workdir=runs/synthetic --format=stablehlo --output=runs/synthetic/export
 
-# PyTorch CPU build for the peer benchmark (an unpinned torch pulls CUDA packages).
+# PyTorch for the peer benchmark: the CPU build (about 200 MB) from PyTorch's own
+# index where it can be reached; otherwise PyPI's, which for Python 3.12 on
+# Linux x86_64 is the CUDA build (about 5 GB with its NVIDIA packages).
 peer: $(INSTALLED)
-	$(PY) -m pip install --quiet -c constraints.txt 'torch==2.13.0'
+	$(PY) -m pip install --quiet -c constraints.txt --index-url https://download.pytorch.org/whl/cpu \
+	  'torch==2.13.0' || $(PY) -m pip install --quiet -c constraints.txt 'torch==2.13.0'
 
 # Train-step speed against the same U-Net in PyTorch, in one process (README: Speed).
 benchmark: peer
-	$(PY) -m unet_jax.benchmark --config=configs/carla.py --config.batch_size=32 \
+	$(PY) -m benchmarks.train_speed --config=configs/carla.py --config.batch_size=32 \
 		--config.model.use_batch_norm=False --peer=torch --json=benchmark.json
 
 clean:

@@ -10,7 +10,7 @@ logits before anything is timed:
 * jax: the jitted logits function (`model.apply(..., train=False)`);
 * onnxruntime: the file written by `unet_jax.export --format=onnx`, loaded
   through `unet_jax.exported` (needs the 'export' extra);
-* torch eager / torch compiled: `unet_jax.torch_peer` (channels_last, batch
+* torch eager / torch compiled: `benchmarks/torch_peer.py` (channels_last, batch
   norm in eval mode) under `torch.inference_mode` (needs the 'peer' extra);
   only for the paper network (2x2 up-convolutions, no extra head).
 
@@ -55,7 +55,7 @@ FLAGS = flags.FLAGS
 
 
 def torch_weights(torch_model, variables, depth: int) -> None:
-  """Copies unet_jax variables into `unet_jax.torch_peer.UNet` in place."""
+  """Copies unet_jax variables into `benchmarks.torch_peer.UNet` in place."""
   import torch  # pylint: disable=g-import-not-at-top
   params, stats = variables['params'], variables.get('batch_stats', {})
   tensor = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
@@ -119,7 +119,7 @@ def contenders(config, variables, onnx_dir: pathlib.Path) -> dict:
 
 def torch_contenders(config, variables) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  from unet_jax import torch_peer  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   net = torch_peer.unet_from_config(config.model)
   torch_weights(net, jax.tree.map(np.asarray, variables), config.model.depth)

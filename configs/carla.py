@@ -41,14 +41,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # If > 0 and data_dir holds no frames, write this many synthetic scenes there first.
   config.data.synthetic_scenes = 0
   # Where the tensorflow-datasets builder writes the prepared dataset; '' puts it
-  # under <data_dir>/.prepared (one prepared copy per folder).
+  # in $UNET_JAX_CACHE or $XDG_CACHE_HOME/unet_jax (~/.cache/unet_jax), never
+  # into data_dir (one prepared copy per folder and split settings).
   config.data.prepared_dir = ''
   config.data.image_size = (96, 128)  # (height, width) fed to the model
   # Splits by a stable hash of a group key: 'recording' (first three digits of
   # the frame name; CARLA recordings) or 'name' (each frame on its own).
   config.data.split_key = 'recording'
-  config.data.validation_fraction = 0.2
-  config.data.test_fraction = 0.2
+  # On the 490 frames of 14 recordings this validates on 7 recordings (175
+  # frames: 000, 001, 007, 009, 018, 035, 064) and trains on the other 7 (315);
+  # unseen recordings elsewhere serve as the test set.
+  config.data.validation_fraction = 0.5
+  config.data.test_fraction = 0.0
   config.data.skip_bad_pairs = False  # True: warn once and skip unreadable pairs
   # Keep the preprocessed split on the devices and form batches there:
   # 'auto' (if it fits in device_cache_max_mb), 'always' or 'never'.
@@ -63,6 +67,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.brightness = 0.2  # colour jitter amplitudes; 0 is off
   config.data.augment.contrast = 0.2
   config.data.augment.saturation = 0.2
+  # (height, width): train on random crops of this size of the frames at
+  # image_size, scaled by augment.scale_range first; evaluation and prediction
+  # take whole frames. () trains on whole frames.
+  config.data.train_crop_size = ()
+  # Draw training frames holding these classes more often: a frame of average
+  # rare-class content 1 + rare_boost times as often as one with none; 0 is off.
+  config.data.rare_classes = ('Pedestrian', 'Pole', 'TrafficSign', 'TrafficLight')
+  config.data.rare_boost = 0.0
 
   # ---- optimisation (unet_jax.train) ----
   config.batch_size = 8  # global, over all devices and processes
@@ -78,6 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ignore_label = -1  # pixels with this label are left out; -1: none
   config.class_weighting = 'median'  # 'none', 'inverse' or 'median' frequency
   config.class_weight_max = 5.0  # cap on a single class weight
+  # Weight of a Lovasz-softmax term added to the cross-entropy (unet_jax.losses); 0 is off.
+  config.lovasz_weight = 0.0
 
   # ---- loop ----
   config.log_every_steps = 10

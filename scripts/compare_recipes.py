@@ -17,6 +17,12 @@ workdir (one per recipe, say, sharing one GPU) can run at the same time. The
 table covers pixel accuracy, mean IoU and the IoU of the classes that matter
 most for driving, with wall time and training images/s; over several seeds,
 mean ± standard deviation. `<workdir>/comparison.json` holds every figure.
+
+`--eval_size=480,640` scores every recipe on whole frames at that size (the
+CARLA frames' native size), whatever size it trains at: each frame goes to
+the model at the recipe's `data.image_size` and the class probabilities come
+back to the frame's pixels (unet_jax.tta). `--tta_flip` and `--tta_scales`
+add test-time augmentation to that evaluation.
 """
 
 import ast
@@ -29,21 +35,29 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from unet_jax import classes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import tta  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS = flags.DEFINE_list('configs', [], 'Config files, each optionally file.py:arg; the '
                             'recipe is named after the file.')
 RECIPES = flags.DEFINE_multi_string('recipe', [], "name=file.py[:arg][;key=value;...]: a named "
                                     'config with overrides of its own.')
-SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds; every recipe trains once per seed.')
+SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every recipe trains once per seed.')
 WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Where the runs and the table go.')
 OVERRIDES = flags.DEFINE_multi_string('set', [], 'key=value applied to every recipe, '
                                       'e.g. data.data_dir=/data/carla.')
 SPLIT = flags.DEFINE_string('split', 'validation', 'Split the table reports.')
+EVAL_SIZE = flags.DEFINE_list('eval_size', [], 'height,width to score whole frames at (e.g. '
+                              '480,640, native CARLA); empty: each recipe at its own size.')
+TTA_FLIP = flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
+TTA_SCALES = flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales.')
 REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Train nothing: print the table of the '
                                 'runs that have finished.')
 
@@ -100,9 +114,28 @@ def build_config(spec: str, overrides: list[str], seed: int, split: str):
   return config
 
 
+def evaluate_at(config, workdir: str, eval_size, flip: bool = False, scales=(1.0,)) -> dict:
+  """The summary of the workdir's latest checkpoint on config.eval_split, with whole
+  frames at eval_size (height, width) and the model at config.data.image_size."""
+  mesh = train.create_mesh()
+  _, variables, _ = train.restore_variables(workdir, 'latest', sharding=train.replicated(mesh))
+  model = models.unet_from_config(config.model)
+  model_size = tuple(config.data.image_size)
+  frames = ml_collections.ConfigDict(config.to_dict())
+  frames.data.image_size = tuple(int(n) for n in eval_size)
+  data = input_pipeline.create_datasets(frames, mesh)[config.eval_split]
+  apply_fn = tta.tta_apply(model.apply, flip=flip, scales=tta.parse_scales(scales),
+                           multiple=2**model.depth, padding=model.padding, model_size=model_size)
+  return train.evaluate(train.compile_eval_step(frames, mesh, model, apply_fn), variables, data)
+
+
 def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
-            workdir: pathlib.Path) -> dict:
-  """Trains (or resumes) one run; its figures, also left in `result.json`."""
+            workdir: pathlib.Path, eval_size=(), flip: bool = False, scales=(1.0,)) -> dict:
+  """Trains (or resumes) one run; its figures, also left in `result.json`.
+
+  With eval_size (or test-time augmentation) the figures are those of
+  `evaluate_at`; otherwise those of training's last evaluation.
+  """
   result_file = workdir / 'result.json'
   if result_file.exists():
     return json.loads(result_file.read_text())
@@ -110,6 +143,8 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, str(workdir))
   wall = time.perf_counter() - start
+  if eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,):
+    summary = evaluate_at(config, str(workdir), eval_size or config.data.image_size, flip, scales)
   # Images/s from the run's own log (excludes evaluation, and holds for resumed runs).
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   rates = [line['images_per_second'] for line in lines if 'images_per_second' in line]
@@ -121,6 +156,8 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
             'wall_seconds': wall,
             'images_per_second': float(np.median(rates)) if rates else float('nan'),
             'epochs': config.num_epochs, 'image_size': list(config.data.image_size),
+            'eval_size': [int(n) for n in (eval_size or config.data.image_size)],
+            'tta': {'flip': bool(flip), 'scales': list(tta.parse_scales(scales))},
             'per_class_iou': [float(x) for x in summary['per_class_iou']]}
   result_file.write_text(json.dumps(result, indent=2))
   return result
@@ -167,7 +204,8 @@ def main(argv):
         continue
       logging.info('Recipe %s (%s %s), seed %s', name, spec, ';'.join(overrides), seed)
       results.append(run_one(name, spec, [*OVERRIDES.value, *overrides], int(seed), SPLIT.value,
-                             workdir))
+                             workdir, [int(n) for n in EVAL_SIZE.value], TTA_FLIP.value,
+                             TTA_SCALES.value))
   if not results:
     print('No finished runs.')
     return

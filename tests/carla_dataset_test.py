@@ -1,6 +1,8 @@
 """The tensorflow-datasets builder: splits, features, metadata, re-preparation."""
 
 import collections
+import importlib
+import pathlib
 import shutil
 import sys
 
@@ -65,7 +67,8 @@ def test_recording_split_keeps_recordings_together(scenes, tmp_path):
   assert not recordings['validation'] & recordings['test']
 
 
-def test_adding_frames_never_moves_existing_ones(tmp_path):
+def test_adding_frames_never_moves_existing_ones(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNET_JAX_CACHE', str(tmp_path / 'cache'))
   data = tmp_path / 'data'
   synthetic.write_scenes(data, 24, seed=0, size=(32, 48))
 
@@ -82,8 +85,10 @@ def test_adding_frames_never_moves_existing_ones(tmp_path):
   after = membership(carla_dataset.prepare(data, **settings))  # re-prepared: content changed
   assert len(after) == 40
   assert {name: after[name] for name in before} == before
-  # The copy of the old content is gone; exactly one prepared copy remains.
-  assert len(list((data / '.prepared' / 'carla_scenes').iterdir())) == 1
+  # The copy of the old content is gone; exactly one prepared copy remains, in
+  # the cache, and nothing was written into the data folder.
+  assert len(list((tmp_path / 'cache' / 'prepared' / 'carla_scenes').iterdir())) == 1
+  assert sorted(p.name for p in data.iterdir()) == ['CameraMask', 'CameraRGB']
 
 
 def test_changed_split_settings_prepare_a_new_copy(scenes, tmp_path):
@@ -112,7 +117,8 @@ def test_empty_split_suggests_splitting_by_name(tmp_path):
     carla_dataset.prepare(tmp_path, split_key='recording')
 
 
-def test_bad_pair_fails_before_anything_is_prepared(tmp_path):
+def test_bad_pair_fails_before_anything_is_prepared(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNET_JAX_CACHE', str(tmp_path / '.prepared'))
   synthetic.write_scenes(tmp_path, 16, seed=0, size=(32, 48))
   (tmp_path / 'CameraMask' / '000002.png').unlink()
   with pytest.raises(carla_files.BadDataError, match='CameraRGB/000002.png'):
@@ -125,8 +131,7 @@ def test_bad_pair_fails_before_anything_is_prepared(tmp_path):
 
 
 def test_real_pairs_class_shares_match_readme(shared_carla_dir, tmp_path):
-  # Its 14 recordings leave the default test split empty (none hashes below
-  # 0.15); the held-out recordings of the full set play that part.
+  # With test_fraction=0 every frame lands in train or validation.
   builder = carla_dataset.prepare(shared_carla_dir, prepared_dir=str(tmp_path),
                                   validation_fraction=0.3, test_fraction=0.0)
   assert set(carla_dataset.split_sizes(builder)) == {'train', 'validation'}
@@ -137,10 +142,43 @@ def test_real_pairs_class_shares_match_readme(shared_carla_dir, tmp_path):
     total += len(source)
     counts += carla_files.class_pixel_counts(
         source[i]['segmentation_mask'] for i in range(len(source)))
-  assert total == 258
+  assert total == 490
   shares = 100 * counts / counts.sum()
-  readme = {'Road': 44.38, 'Sky': 33.23, 'Vegetation': 7.04, 'Building': 5.39, 'Terrain': 3.00,
-            'SideWalk': 1.58, 'Wall': 1.37, 'GuardRail': 1.19}
+  readme = {'Road': 44.20, 'Sky': 33.14, 'Vegetation': 7.15, 'Building': 5.36, 'Terrain': 3.07,
+            'SideWalk': 1.61, 'Wall': 1.35, 'GuardRail': 1.20, 'RoadLine': 1.02, 'Vehicles': 0.66}
   for name, share in readme.items():
     assert abs(shares[classes.CLASS_NAMES.index(name)] - share) < 0.05, name
   assert counts[0] == 0
+
+
+def test_carla_config_split_of_the_real_frames(shared_carla_dir):
+  # configs/carla.py's fractions on ../shared/carla: at least a third of the
+  # frames, in whole recordings, validate (the README names them).
+  config = importlib.import_module('configs.carla').get_config()
+  data = config.data
+  names = sorted(p.stem for p in (shared_carla_dir / 'CameraRGB').glob('*.png'))
+  splits = carla_dataset.assign_splits(names, data.split_key, data.validation_fraction,
+                                       data.test_fraction)
+  recordings = {split: sorted({n[:3] for n in members}) for split, members in splits.items()}
+  assert recordings == {
+      'train': ['002', '004', '006', '011', '013', '017', '022'],
+      'validation': ['000', '001', '007', '009', '018', '035', '064'],
+  }
+  assert {split: len(members) for split, members in splits.items()} == {'train': 315,
+                                                                       'validation': 175}
+  assert len(splits['validation']) >= len(names) / 3
+
+def test_prepared_copies_go_to_the_xdg_cache_never_into_the_data_folder(tmp_path, monkeypatch):
+  monkeypatch.delenv('UNET_JAX_CACHE', raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  data = tmp_path / 'data'
+  synthetic.write_scenes(data, 16, seed=0, size=(32, 48))
+  before = sorted(str(p) for p in data.rglob('*'))
+  data.chmod(0o555)  # as a shared read-only mount (root still could write; the listing checks)
+  try:
+    builder = carla_dataset.prepare(data, split_key='name', validation_fraction=0.3,
+                                    test_fraction=0.0)
+  finally:
+    data.chmod(0o755)
+  assert pathlib.Path(builder.data_dir).is_relative_to(tmp_path / 'xdg' / 'unet_jax')
+  assert sorted(str(p) for p in data.rglob('*')) == before

@@ -220,7 +220,7 @@ def test_fingerprint_changes_with_content(tmp_path):
 
 def test_real_pairs_decode(shared_carla_dir):
   pairs, problems = carla_files.list_pairs(shared_carla_dir)
-  assert len(pairs) == 258 and not problems
+  assert len(pairs) == 490 and not problems
   by_name = {p.name: p for p in pairs}
   # 002128 is stored RGBA, 000026 re-encoded as RGB: both must give 3 channels.
   for name in ('002128', '000026'):

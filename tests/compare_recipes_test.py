@@ -8,6 +8,7 @@ from absl import app
 import pytest
 
 from conftest import REPO
+from unet_jax import carla_dataset
 
 _spec = importlib.util.spec_from_file_location('compare_recipes',
                                                REPO / 'scripts' / 'compare_recipes.py')
@@ -61,3 +62,19 @@ def test_table_gives_mean_and_spread_over_seeds_and_skips_absent_classes():
   # mean ± sample standard deviation; a class absent from a run's split is left out.
   assert rows[2] == '| a | 2 | 0.850 ± 0.071 | 0.300 ± 0.141 | 0.100 | 10 | 5.0 |'
   assert rows[3] == '| b | 1 | 0.700 | 0.300 | - | 10 | 5.0 |'
+
+
+def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
+  overrides = [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
+               "data.split_key='name'", 'data.validation_fraction=0.25',
+               'data.test_fraction=0.0', f'data.prepared_dir={tmp_path / "prepared"}']
+  result = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
+                                   tmp_path / 'run', eval_size=[48, 64], flip=True)
+  assert result['image_size'] == [32, 32] and result['eval_size'] == [48, 64]
+  assert result['tta'] == {'flip': True, 'scales': [1.0]}
+  config = compare_recipes.build_config(f'{CARLA}:smoke', overrides, 0, 'validation')
+  summary = compare_recipes.evaluate_at(config, str(tmp_path / 'run'), (48, 64))
+  names = [f.stem for f in (tmp_path / 'scenes' / 'CameraRGB').glob('*.png')]
+  frames = sum(carla_dataset.split_of(n, 'name', 0.25, 0.0) == 'validation' for n in names)
+  assert frames >= 1 and summary['confusion_matrix'].sum() == frames * 48 * 64
+  assert 0 <= summary['mean_iou'] <= 1

@@ -11,8 +11,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     tempfile.gettempdir(), f'unet_jax_test_xla_cache_{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Prepared copies of test data go to one temporary cache per run, not ~/.cache.
+os.environ.setdefault('UNET_JAX_CACHE', tempfile.mkdtemp(prefix='unet_jax_test_cache_'))
 
 import pytest  # noqa: E402
+
+from unet_jax import xla_flags  # noqa: E402
+
+# The flags the entry points run with, for every test (before JAX starts).
+xla_flags.set_default_flags()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_CARLA = REPO.parent / 'shared' / 'carla'

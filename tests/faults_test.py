@@ -141,7 +141,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dir,
 
   monkeypatch.setattr(input_pipeline, 'create_datasets', poisoned_datasets)
   config = tiny_config(synthetic_dir, num_epochs=3)  # checkpoints every 3 steps, logs every 2
-  with pytest.raises(train.NonFiniteLossError, match=r'nan at step 5\b.*step 3\) stays'):
+  with pytest.raises(train.NonFiniteLossError, match=r'nan at step 5\b.*checkpoint, step 3, holds only finite'):
     train.train_and_evaluate(config, str(tmp_path))
   step, params = _params(tmp_path)
   assert step == 3
@@ -166,12 +166,12 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize('overrides, num_devices, message', [
-    ({'learning_rate': -1e-3}, 1, 'learning_rate must be > 0'),
-    ({'batch_size': 0}, 1, 'batch_size must be > 0'),
+    ({'learning_rate': -1e-3}, 1, 'learning_rate must be a finite number > 0'),
+    ({'batch_size': 0}, 1, 'batch_size must be an integer >= 1'),
     ({'batch_size': 12}, 8, 'batch_size 12 is not divisible by the 8 devices'),
     ({'data.image_size': (38, 32)}, 1, r'data.image_size: .*height 38 \(nearest valid: 36 or 40'),
-    ({'model.dropout_rate': 1.0}, 1, r'model.dropout_rate must be in \[0, 1\)'),
-    ({'num_epochs': 0}, 1, 'num_epochs must be > 0'),
+    ({'model.dropout_rate': 1.0}, 1, r'model.dropout_rate must be a finite number in \[0, 1\)'),
+    ({'num_epochs': 0}, 1, 'num_epochs must be an integer >= 1'),
 ])
 def test_out_of_range_config_is_a_clear_error(tmp_path, overrides, num_devices, message):
   config = tiny_config(tmp_path / 'data', **overrides)

@@ -278,10 +278,9 @@ def test_host_batches_per_process_are_disjoint_and_complete(datasets):
   train = datasets['train']
   indices = ip.train_schedule(train.num_examples, 4, seed=0, epoch=0)
   valid = np.ones(indices.shape, bool)
-  whole = list(train.host_batches(indices, valid, epoch=0, augment=False,
-                                  process_index=0, process_count=1))
-  halves = [list(train.host_batches(indices, valid, epoch=0, augment=False,
-                                    process_index=p, process_count=2)) for p in range(2)]
+  whole = list(train.host_batches(indices, valid, process_index=0, process_count=1))
+  halves = [list(train.host_batches(indices, valid, process_index=p, process_count=2))
+            for p in range(2)]
   for step, batch in enumerate(whole):
     first, second = halves[0][step]['image'], halves[1][step]['image']
     assert first.shape[0] == second.shape[0] == 2
@@ -346,3 +345,95 @@ def test_batches_span_eight_devices(scenes):
                           text=True, timeout=300, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('ok')
+
+
+# ---- training crops ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('xp', [np, jnp], ids=['numpy', 'jax'])
+def test_crop_with_scale_jitter_has_the_crop_size_and_unblended_labels(xp):
+  image, label = _label_coded_example()
+  crop = ip.Augment(horizontal_flip=True, scale_range=(0.7, 1.6), crop_size=(16, 24))
+  for seed in range(6):
+    uniforms = np.random.default_rng(seed).random(ip.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+    out_image, out_label = map(np.asarray, ip.augment_example(
+        xp, xp.asarray(image), xp.asarray(label), xp.asarray(uniforms), crop))
+    assert out_image.shape == (16, 24, 3) and out_label.shape == (16, 24)
+    assert set(np.unique(out_label)) <= set(np.unique(label))  # nearest: no new labels
+    inside = _interior(out_label)
+    decoded = np.round(out_image[..., 0] * 255 / 10)
+    np.testing.assert_array_equal(decoded[inside], out_label[inside])
+
+
+def test_crop_at_scale_one_is_a_window_of_the_frame():
+  image, label = _label_coded_example()
+  crop = ip.Augment(crop_size=(16, 24))
+  uniforms = np.zeros(ip.NUM_AUGMENT_UNIFORMS, np.float32)  # top left
+  out_image, out_label = ip.augment_example(np, image, label, uniforms, crop)
+  np.testing.assert_array_equal(out_label, label[:16, :24])
+  np.testing.assert_allclose(out_image, image[:16, :24], atol=1e-6)
+  uniforms[2:4] = 1.0  # bottom right
+  _, out_label = ip.augment_example(np, image, label, uniforms, crop)
+  np.testing.assert_array_equal(out_label, label[-16:, -24:])
+
+
+def test_both_modes_draw_the_same_crops_and_evaluate_whole_frames(scenes, mesh):
+  def cropped(device_cache):
+    config = _config(scenes, device_cache=device_cache, train_crop_size=(16, 24))
+    config.data.augment.update(horizontal_flip=True, scale_range=(0.8, 1.5), brightness=0.1)
+    return ip.create_datasets(config, mesh)
+
+  cached, streamed = cropped('always'), cropped('never')
+  assert cached['train'].device_cached and not streamed['train'].device_cached
+  epochs = [_numpy(d['train'].train_batches(2)) for d in (cached, streamed)]
+  for a, b in zip(*epochs):
+    assert a['image'].shape == (4, 16, 24, 3) and a['label'].shape == (4, 16, 24)
+    np.testing.assert_allclose(a['image'], b['image'], atol=1e-5)
+    np.testing.assert_array_equal(a['label'], b['label'])
+  resumed = _numpy(streamed['train'].train_batches(2, first_step=1))
+  np.testing.assert_array_equal(resumed[0]['label'], epochs[0][1]['label'])
+  for data in (cached, streamed):
+    batch = next(data['validation'].eval_batches())
+    assert batch['image'].shape == (4, 32, 48, 3) and batch['label'].shape == (4, 32, 48)
+
+
+# ---- rare-class sampling ------------------------------------------------------------
+
+
+def test_rare_frame_weights_by_hand():
+  # Pixels of two rare classes in three frames; class means 2 and 10/3.
+  counts = np.array([[0, 0], [2, 10], [4, 0]])
+  # Rare content: frame 0 none; frame 1 (2/2 + 10/(10/3)) / 2 = 2; frame 2 (4/2 + 0) / 2 = 1.
+  np.testing.assert_allclose(ip.rare_frame_weights(counts, [0, 1], boost=2.0), [1, 5, 3])
+  # A rare class absent from the split is left out of the mean.
+  counts = np.array([[0, 0, 1], [2, 0, 3]])
+  np.testing.assert_allclose(ip.rare_frame_weights(counts, [0, 1], boost=1.0), [1, 3])
+  np.testing.assert_allclose(ip.rare_frame_weights(counts, [1], boost=1.0), [1, 1])
+
+
+def test_weighted_schedule_draws_frames_in_proportion_to_their_weights():
+  weights = np.array([1.0] * 5 + [3.0] * 5)
+  draws = np.concatenate([ip.train_schedule(10, 5, seed=0, epoch=e, weights=weights).ravel()
+                          for e in range(3000)])
+  frequency = np.bincount(draws, minlength=10) / len(draws)
+  # Expected 1/20 and 3/20; 30,000 draws give a standard error of about 0.002.
+  np.testing.assert_allclose(frequency, weights / weights.sum(), atol=0.01)
+  np.testing.assert_array_equal(ip.train_schedule(10, 5, 0, 7, weights),
+                                ip.train_schedule(10, 5, 0, 7, weights))
+  assert (ip.train_schedule(10, 5, 0, 7, weights) != ip.train_schedule(10, 5, 0, 8, weights)).any()
+
+
+def test_rare_boost_weights_the_split_by_its_own_frame_counts(scenes, mesh):
+  config = _config(scenes, device_cache='never', rare_boost=4.0,
+                   rare_classes=('Pedestrian', 'Vehicles'))
+  train = ip.create_datasets(config, mesh)['train']
+  counts = train.frame_class_counts()
+  assert counts.shape == (train.num_examples, 23)
+  np.testing.assert_array_equal(counts.sum(axis=0), train.class_pixel_counts())
+  weights = train.sampling_weights()
+  np.testing.assert_allclose(weights, ip.rare_frame_weights(counts, [4, 10], 4.0))
+  assert weights.max() > weights.min()
+  drawn = ip.train_schedule(train.num_examples, 4, 0, 3, weights)
+  first = np.asarray(next(train.train_batches(3))['label'])
+  for row, index in enumerate(drawn[0]):
+    np.testing.assert_array_equal(first[row], train.load_example(index)[1])

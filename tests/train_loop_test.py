@@ -56,6 +56,22 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(synthetic_dir, tmp_
   np.testing.assert_allclose(params_b, params_a, rtol=0, atol=1e-6)
 
 
+def test_levers_on_train_and_resume_exactly(synthetic_dir, tmp_path):
+  # Training crops with scale jitter, rare-class sampling and the Lovasz term.
+  config = tiny_config(synthetic_dir, **{'data.train_crop_size': (16, 24), 'lovasz_weight': 0.5,
+                                         'data.rare_boost': 3.0,
+                                         'data.augment.scale_range': (0.7, 1.3)})
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  assert np.isfinite(straight['loss'])
+  assert straight['confusion_matrix'].sum() % (32 * 32) == 0  # evaluated on whole frames
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=5)
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  step_a, params_a = _params(tmp_path / 'straight')
+  step_b, params_b = _params(tmp_path / 'resumed')
+  assert step_a == step_b
+  np.testing.assert_allclose(params_b, params_a, rtol=0, atol=1e-6)
+
+
 def test_same_config_and_seed_give_the_same_result(synthetic_dir, tmp_path):
   config = tiny_config(synthetic_dir, num_epochs=1)
   a = train.train_and_evaluate(config, str(tmp_path / 'a'))

@@ -1,14 +1,13 @@
 """The loss, the optimizer and the jitted train/eval steps on in-memory batches."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import carla
+from unet_jax import losses
 from unet_jax import models
 from unet_jax import train
 
@@ -31,54 +30,6 @@ def _batch(config, seed=0, batch_size=None):
   images = labels[..., None] / config.model.num_classes + 0.1 * rng.random((batch_size, height, width, 3))
   return {'image': jnp.asarray(images, jnp.float32), 'label': jnp.asarray(labels, jnp.int32),
           'valid': jnp.ones((batch_size,), bool)}
-
-
-def _numpy_cross_entropy(logits, labels):
-  logits = logits - logits.max(-1, keepdims=True)
-  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  return -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
-
-
-def test_loss_is_the_mean_cross_entropy_over_valid_pixels():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
-  labels = rng.integers(0, 5, size=(2, 3, 4))
-  labels[0, 0, :2] = 255  # ignore label
-  labels[1, 2, 3] = 7  # out of range: never counted
-  per_pixel = _numpy_cross_entropy(logits, np.where((labels == 255) | (labels == 7), 0, labels))
-  keep = (labels != 255) & (labels != 7)
-  loss_sum, weight_sum = train.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
-                                                 ignore_label=255)
-  assert float(weight_sum) == keep.sum()
-  assert float(loss_sum / weight_sum) == pytest.approx(per_pixel[keep].mean(), rel=1e-5)
-
-  valid = np.array([True, False])  # a padding example weighs nothing
-  loss_sum, weight_sum = train.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
-                                                 ignore_label=255, valid=jnp.asarray(valid))
-  keep_valid = keep & valid[:, None, None]
-  assert float(loss_sum / weight_sum) == pytest.approx(per_pixel[keep_valid].mean(), rel=1e-5)
-
-
-def test_class_weights_give_the_weighted_mean():
-  rng = np.random.default_rng(1)
-  logits = rng.normal(size=(1, 4, 4, 3)).astype(np.float32)
-  labels = rng.integers(0, 3, size=(1, 4, 4))
-  class_weights = np.array([0.5, 2.0, 4.0], np.float32)
-  per_pixel = _numpy_cross_entropy(logits, labels)
-  w = class_weights[labels]
-  loss_sum, weight_sum = train.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
-                                                 class_weights=class_weights)
-  assert float(loss_sum / weight_sum) == pytest.approx((w * per_pixel).sum() / w.sum(), rel=1e-5)
-
-
-def test_class_weights_from_counts():
-  counts = np.array([0, 900, 90, 10])
-  inverse = train.class_weights_from_counts(counts, 'inverse', max_weight=100.0)
-  np.testing.assert_allclose(inverse, [1.0, 1000 / (3 * 900), 1000 / (3 * 90), 1000 / (3 * 10)],
-                             rtol=1e-6)
-  median = train.class_weights_from_counts(counts, 'median', max_weight=5.0)
-  np.testing.assert_allclose(median, [1.0, 0.1, 1.0, 5.0], rtol=1e-6)  # 9.0 capped at 5
-  assert train.class_weights_from_counts(counts, 'none', 10.0) is None
 
 
 def test_learning_rate_schedule_warmup_then_cosine():
@@ -106,12 +57,12 @@ def test_training_on_one_batch_lowers_the_loss_and_counts_steps():
   config.model.base_filters = 8
   _, _, state, step = _setup(config)
   batch = _batch(config)
-  losses = []
+  history = []
   for _ in range(40):
     state, metrics = step(state, batch, jax.random.key(1))
-    losses.append(float(metrics['loss']))
+    history.append(float(metrics['loss']))
   assert int(state.step) == 40
-  assert losses[-1] < 0.5 * losses[0]
+  assert history[-1] < 0.5 * history[0]
   # One compilation for every step: same shapes, shardings and dtypes each time.
   assert step._cache_size() == 1  # pylint: disable=protected-access
 
@@ -140,3 +91,17 @@ def test_eval_step_confusion_counts_only_valid_examples():
   predictions = np.asarray(jnp.argmax(logits, -1))
   labels = np.asarray(batch['label'][:2])
   assert np.trace(np.asarray(confusion)) == np.sum(predictions == labels)
+
+
+def test_lovasz_weight_adds_the_lovasz_term_to_the_loss():
+  config = _tiny_config()
+  config.lovasz_weight = 0.5
+  _, _, state, step = _setup(config)
+  batch = _batch(config)
+  variables = train.model_variables(state)
+  logits, _ = state.apply_fn(variables, batch['image'], train=True, mutable=['batch_stats'])
+  loss_sum, weight_sum = losses.segmentation_loss(logits, batch['label'])
+  expected = loss_sum / weight_sum + 0.5 * losses.lovasz_softmax(logits, batch['label'])
+  _, metrics = step(state, batch, jax.random.key(1))
+  assert float(metrics['loss']) == pytest.approx(float(expected), rel=1e-5)
+  assert float(metrics['loss']) > float(loss_sum / weight_sum) + 0.05

@@ -1,6 +1,5 @@
-"""U-Net semantic segmentation of road scenes in JAX/Flax."""
+"""U-Net semantic segmentation of road scenes in JAX/Flax.
 
-from unet_jax import xla_flags as _xla_flags
-
-# Before anything creates a JAX backend: XLA reads XLA_FLAGS only then.
-_xla_flags.set_default_flags()
+Importing the package changes nothing global: each entry point's `main`
+applies the default XLA flags (`unet_jax.xla_flags`) before JAX starts.
+"""

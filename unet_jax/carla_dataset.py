@@ -1,8 +1,9 @@
 """A tensorflow-datasets builder for a CARLA-format folder, and its splits.
 
-The user's folder is the builder's manual directory. `prepare` validates
-every pair, writes ArrayRecord files under `<data_dir>/.prepared` (or
-`config.data.prepared_dir`) and returns the builder; `data_source` reads a
+The user's folder is the builder's manual directory, only ever read. `prepare`
+validates every pair, writes ArrayRecord files into a cache outside it
+(`config.data.prepared_dir`, else `$UNET_JAX_CACHE`, else
+`$XDG_CACHE_HOME/unet_jax`, else `~/.cache/unet_jax`) and returns the builder; `data_source` reads a
 split back with random access and no TensorFlow.
 
 Splits are assigned by a stable hash (sha256) of a group key: the recording
@@ -23,12 +24,18 @@ import os
 import pathlib
 import shutil
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from unet_jax import carla_files
 from unet_jax import classes
+from unet_jax import errors
 
 SPLIT_KEYS = ('recording', 'name')
+
+
+class SplitError(errors.UserError, ValueError):
+  """The split settings leave a split empty or no frames for training."""
 SPLITS = ('train', 'validation', 'test')
 
 
@@ -55,7 +62,7 @@ def assign_splits(names, split_key: str, validation_fraction: float,
                   test_fraction: float) -> dict[str, list[str]]:
   """Names per split; a split whose fraction is 0 is absent, an empty one is an error."""
   if min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
-    raise ValueError(f'validation_fraction={validation_fraction} and test_fraction={test_fraction} '
+    raise SplitError(f'validation_fraction={validation_fraction} and test_fraction={test_fraction} '
                      'must be >= 0 and leave a positive fraction for training')
   fractions = {'train': 1.0, 'validation': validation_fraction, 'test': test_fraction}
   splits = {s: [] for s in SPLITS if fractions[s] > 0}
@@ -68,7 +75,7 @@ def assign_splits(names, split_key: str, validation_fraction: float,
                 'a split)', 'add frames']
     if split_key != 'name':
       remedies.insert(0, "use config.data.split_key='name' to split frame by frame")
-    raise ValueError(
+    raise SplitError(
         f'split(s) {", ".join(empty)} would be empty: {len(names)} frames form only {groups} '
         f'group(s) by split_key={split_key!r}, and none hashed into them. To fix it, '
         + ', or '.join(remedies) + '.')
@@ -127,6 +134,13 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
   # which is not a dependency.
   url_infos = None
 
+  # tfds prints its download banners to stdout; this builder downloads nothing.
+  def _log_download_bytes(self) -> None:
+    logging.info('Preparing the frames once, into %s', self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info('Prepared.')
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
@@ -159,8 +173,19 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
       yield from pool.map(lambda pair: _example(pair, num_classes), pairs)
 
 
+def cache_root() -> pathlib.Path:
+  """Where prepared copies go by default: never into the data folder, which may be read-only."""
+  if os.environ.get('UNET_JAX_CACHE'):
+    return pathlib.Path(os.environ['UNET_JAX_CACHE'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return pathlib.Path(base) / 'unet_jax'
+
+
 def prepared_root(data_dir, prepared_dir: str = '') -> pathlib.Path:
-  return pathlib.Path(prepared_dir) if prepared_dir else pathlib.Path(data_dir) / '.prepared'
+  """The prepared copies' folder. Copies of different data folders share it
+  (each builder config's name carries its folder's hash)."""
+  del data_dir  # the folder's hash is in the builder config's name
+  return pathlib.Path(prepared_dir) if prepared_dir else cache_root() / 'prepared'
 
 
 def _remove_stale_copies(builder: CarlaScenes) -> None:
@@ -185,7 +210,18 @@ def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
   config = builder_config(data_dir, split_key=split_key, validation_fraction=validation_fraction,
                           test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
                           num_classes=num_classes)
-  builder = CarlaScenes(data_dir=prepared_root(data_dir, prepared_dir), config=config)
+  root = prepared_root(data_dir, prepared_dir)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise carla_files.BadDataError(
+        f'{root}: cannot create the folder for prepared data ({error.strerror or error}); set '
+        'config.data.prepared_dir or UNET_JAX_CACHE to a writable folder') from error
+  if not os.access(root, os.W_OK):
+    raise carla_files.BadDataError(
+        f'{root}: the folder for prepared data is not writable; set config.data.prepared_dir '
+        'or UNET_JAX_CACHE to a writable folder')
+  builder = CarlaScenes(data_dir=root, config=config)
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))

@@ -3,13 +3,16 @@
 A dataset folder holds `CameraRGB/<name>.png` and `CameraMask/<name>.png`,
 matched by file name. The mask is not a picture: channel 0 holds the class
 index and channels 1 and 2 are zero (RGBA, alpha 255, as CARLA writes it).
-Every problem is a `BadDataError` (a `ValueError`) whose message names the
-file and what is wrong with it.
+Whatever the PNG's storage (RGB, RGBA, palette, grayscale with or without
+alpha, 16-bit), a pixel's class is the red value of the colour a viewer
+shows. Every problem is a `BadDataError` (a `ValueError`) whose message
+names the file and what is wrong with it.
 """
 
 from collections.abc import Sequence
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import io
 import os
@@ -20,17 +23,24 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import classes
+from unet_jax import errors
 
 IMAGE_DIR = 'CameraRGB'
 MASK_DIR = 'CameraMask'
 # CARLA frames are 0.3 megapixels; anything beyond this is almost certainly a
 # decompression bomb (a tiny file that would expand to gigabytes).
 MAX_PIXELS = 50_000_000
+# A frame smaller than this on a side holds no scene worth learning from
+# (resized to the model's input it would be a few blown-up pixels).
+MIN_SIDE = 8
+# Where the hint for skipping bad pairs points, per program.
+SKIP_HINT = ('set config.data.skip_bad_pairs=True (training) or pass --skip_bad_pairs '
+             '(evaluate) to skip them')
 
 PathLike = str | os.PathLike
 
 
-class BadDataError(ValueError):
+class BadDataError(errors.UserError, ValueError):
   """A dataset file is missing, unreadable or inconsistent with its partner."""
 
 
@@ -41,11 +51,38 @@ class Pair:
   mask_path: pathlib.Path
 
 
-def _files(folder: pathlib.Path) -> tuple[dict[str, pathlib.Path], list[pathlib.Path]]:
-  """Splits the visible files of `folder` into {stem: path} of .png files and the rest."""
-  files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith('.')]
-  pngs = {p.stem: p for p in files if p.suffix.lower() == '.png'}
-  return pngs, [p for p in files if p.suffix.lower() != '.png']
+def _broken_link(path: pathlib.Path) -> str | None:
+  """Why a link cannot be followed ('dangling link', 'symbolic link loop'), or None."""
+  if not path.is_symlink():
+    return None
+  try:
+    path.stat()
+  except OSError as error:
+    if error.errno == errno.ELOOP:
+      return 'symbolic link loop'
+    return f'dangling link to {os.readlink(path)}'
+  return None
+
+
+def _files(folder: pathlib.Path) -> tuple[dict[str, pathlib.Path], list[str]]:
+  """The visible .png files of `folder` as {stem: path}, and one problem per other entry.
+
+  Folders are left alone; links that lead nowhere and files that are not
+  .png are problems.
+  """
+  pngs, problems = {}, []
+  for path in sorted(folder.iterdir()):
+    if path.name.startswith('.'):
+      continue
+    broken = _broken_link(path)
+    if broken:
+      problems.append(f'{path}: {broken}')
+    elif path.is_file():
+      if path.suffix.lower() == '.png':
+        pngs[path.stem] = path
+      else:
+        problems.append(f'{path}: not a .png image file')
+  return pngs, problems
 
 
 def list_pairs(data_dir: PathLike) -> tuple[list[Pair], list[str]]:
@@ -60,11 +97,11 @@ def list_pairs(data_dir: PathLike) -> tuple[list[Pair], list[str]]:
       raise BadDataError(
           f'{data_dir / sub}: missing folder; a CARLA dataset folder holds '
           f'{IMAGE_DIR}/<name>.png and {MASK_DIR}/<name>.png')
-  images, other_images = _files(data_dir / IMAGE_DIR)
-  masks, other_masks = _files(data_dir / MASK_DIR)
+  images, image_problems = _files(data_dir / IMAGE_DIR)
+  masks, mask_problems = _files(data_dir / MASK_DIR)
   if not images and not masks:
     raise BadDataError(f'{data_dir}: empty dataset folder, no .png files in {IMAGE_DIR}/ or {MASK_DIR}/')
-  problems = [f'{path}: not a .png image file' for path in other_images + other_masks]
+  problems = image_problems + mask_problems
   for stem in sorted(images.keys() - masks.keys()):
     problems.append(f'{images[stem]}: image without a mask ({MASK_DIR}/{images[stem].name} is missing)')
   for stem in sorted(masks.keys() - images.keys()):
@@ -114,15 +151,29 @@ def decode_image(data: bytes, path: PathLike = '<bytes>') -> np.ndarray:
   return np.asarray(image.convert('RGB'), dtype=np.uint8)
 
 
+def _mask_indices(image: Image.Image, path: PathLike) -> np.ndarray:
+  """The red value of the colour each pixel shows: the class index."""
+  if image.mode in ('RGB', 'RGBA'):
+    return np.asarray(image)[..., 0]
+  if image.mode.startswith('I'):
+    # 16-bit grey: a viewer shows value / 257. Only 8-bit values stored as
+    # 16-bit (multiples of 257) have a class index by that rule.
+    values = np.asarray(image).astype(np.int64)
+    odd = values[(values % 257 != 0) | (values < 0)]
+    if odd.size:
+      raise BadDataError(
+          f'{path}: 16-bit grayscale mask holds {int(odd[0])}, not an 8-bit value scaled by '
+          '257; save masks as 8-bit with the class index in the red channel')
+    return (values // 257).astype(np.uint8)
+  # Palette, grayscale (with or without alpha), bilevel: the shown colour's red.
+  return np.asarray(image.convert('RGBA'))[..., 0]
+
+
 def decode_mask(data: bytes, path: PathLike = '<bytes>',
                 num_classes: int = classes.NUM_CLASSES) -> np.ndarray:
-  """PNG bytes -> uint8 [H, W] class indices (channel 0), checked < num_classes."""
+  """PNG bytes -> uint8 [H, W] class indices (the shown red), checked < num_classes."""
   image = _open_png(data, path)
-  array = np.asarray(image)
-  if array.ndim == 3:
-    array = array[..., 0]
-  elif image.mode not in ('L', 'P', 'I', 'I;16'):
-    raise BadDataError(f'{path}: unsupported mask mode {image.mode}')
+  array = _mask_indices(image, path)
   top = int(array.max()) if array.size else 0
   if top >= num_classes:
     raise BadDataError(
@@ -177,6 +228,9 @@ def write_image(path: PathLike, image: np.ndarray) -> None:
 def read_pair(pair: Pair, num_classes: int = classes.NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a pair and checks that image and mask have the same size."""
   image = read_image(pair.image_path)
+  if min(image.shape[:2]) < MIN_SIDE:
+    raise BadDataError(f'{pair.image_path}: image of {image.shape[1]}x{image.shape[0]} pixels is '
+                       f'too small (frames need at least {MIN_SIDE} pixels on a side)')
   mask = read_mask(pair.mask_path, num_classes)
   if image.shape[:2] != mask.shape:
     raise BadDataError(
@@ -207,10 +261,11 @@ def validate_pairs(data_dir: PathLike, num_classes: int = classes.NUM_CLASSES,
     results = list(pool.map(lambda p: _check_pair(p, num_classes), pairs))
   good = [pair for pair, problem in zip(pairs, results) if problem is None]
   problems += [problem for problem in results if problem is not None]
+  if len(problems) == 1 and not skip_bad_pairs:
+    raise BadDataError(f'{problems[0]} ({SKIP_HINT})')
   if problems and not skip_bad_pairs:
     raise BadDataError(
-        f'{len(problems)} bad file(s) in {data_dir} (set config.data.skip_bad_pairs=True to '
-        'skip them):\n  ' + '\n  '.join(problems))
+        f'{len(problems)} bad file(s) in {data_dir} ({SKIP_HINT}):\n  ' + '\n  '.join(problems))
   if problems:
     warnings.warn(
         f'skipping {len(problems)} bad pair(s) in {data_dir}:\n  ' + '\n  '.join(problems),

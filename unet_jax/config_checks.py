@@ -1,45 +1,215 @@
-"""Checks a config before anything starts, naming the field that is wrong."""
+"""Checks a config before anything starts, naming every field that is wrong.
 
+`RULES` is the one table of what each field may hold: a field's dotted path
+and a rule made by one of the small constructors below (`integer`,
+`number`, `one_of`, `pair`, ...). A new config field gets its line here.
+Rules that tie fields together follow in `check_config`. Nothing is read
+or written before these checks pass.
+"""
+
+from collections.abc import Callable
+import math
+
+from unet_jax import classes
+from unet_jax import errors
 from unet_jax import models
 
+# (test, what the value must be); the test never raises.
+Rule = tuple[Callable[[object], bool], str]
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.UserError, ValueError):
   pass
 
 
-def check_config(config, num_devices: int) -> None:
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bounds(low, high, low_open: bool, high_open: bool) -> tuple[Callable, str]:
+  def within(value):
+    return ((low is None or (value > low if low_open else value >= low)) and
+            (high is None or (value < high if high_open else value <= high)))
+  if low is not None and high is not None:
+    text = f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+  elif low is not None:
+    text = f'{">" if low_open else ">="} {low}'
+  elif high is not None:
+    text = f'{"<" if high_open else "<="} {high}'
+  else:
+    text = ''
+  return within, text
+
+
+def integer(low=None, high=None) -> Rule:
+  """An int (not a bool) in [low, high]."""
+  within, text = _bounds(low, high, False, False)
+  return (lambda v: _is_int(v) and within(v)), f'an integer {text}'.strip()
+
+
+def number(low=None, high=None, *, low_open=False, high_open=False) -> Rule:
+  """A finite int or float between the bounds (closed unless said open)."""
+  within, text = _bounds(low, high, low_open, high_open)
+  return (lambda v: _is_number(v) and within(v)), f'a finite number {text}'.strip()
+
+
+def one_of(*choices) -> Rule:
+  return (lambda v: any(v == c and type(v) is type(c) for c in choices),
+          'one of ' + ', '.join(repr(c) for c in choices))
+
+
+def boolean() -> Rule:
+  return (lambda v: isinstance(v, bool)), 'True or False'
+
+
+def string() -> Rule:
+  return (lambda v: isinstance(v, str)), 'a string'
+
+
+def pair(element: Rule, extra: Callable[[tuple], bool] = lambda p: True,
+         extra_text: str = '') -> Rule:
+  """A 2-tuple (or list) whose two elements satisfy `element`, and `extra` on the pair."""
+  test, text = element
+  return ((lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(test(x) for x in v)
+           and extra(tuple(v))),
+          f'a pair of values, each {text}{extra_text}')
+
+
+def empty_or(rule: Rule) -> Rule:
+  """() (off) or a value that satisfies `rule`."""
+  test, text = rule
+  return (lambda v: (isinstance(v, (tuple, list)) and len(v) == 0) or test(v)), f'() or {text}'
+
+
+def class_names() -> Rule:
+  return ((lambda v: isinstance(v, (tuple, list)) and all(c in classes.CLASS_NAMES for c in v)),
+          'a tuple of class names (' + ', '.join(classes.CLASS_NAMES) + ')')
+
+
+RULES: dict[str, Rule] = {
+    'seed': integer(),
+    # ---- model ----
+    'model.num_classes': integer(2, 256),  # masks are uint8
+    'model.base_filters': integer(1),
+    'model.depth': integer(1),
+    'model.padding': one_of('SAME', 'VALID'),
+    'model.dropout_rate': number(0, 1, high_open=True),
+    'model.dropout_blocks': integer(0),
+    'model.use_batch_norm': boolean(),
+    'model.upconv_kernel_size': one_of(2, 3),
+    'model.head_filters': integer(0),
+    'model.dtype': one_of('float32', 'bfloat16', 'float16'),
+    # ---- data ----
+    'data.data_dir': string(),
+    'data.synthetic_scenes': integer(0),
+    'data.prepared_dir': string(),
+    'data.image_size': pair(integer(1)),
+    'data.split_key': one_of('recording', 'name'),
+    'data.validation_fraction': number(0, 1, high_open=True),
+    'data.test_fraction': number(0, 1, high_open=True),
+    'data.skip_bad_pairs': boolean(),
+    'data.device_cache': one_of('auto', 'always', 'never'),
+    'data.device_cache_max_mb': number(0),
+    'data.prefetch_batches': integer(1),
+    'data.num_workers': integer(0),
+    'data.augment.horizontal_flip': boolean(),
+    'data.augment.scale_range': pair(number(0, low_open=True), lambda p: p[0] <= p[1],
+                                     ', the first <= the second'),
+    'data.augment.brightness': number(0, 1),
+    'data.augment.contrast': number(0, 1),
+    'data.augment.saturation': number(0, 1),
+    'data.train_crop_size': empty_or(pair(integer(1))),
+    'data.rare_classes': class_names(),
+    'data.rare_boost': number(0),
+    # ---- optimisation ----
+    'batch_size': integer(1),
+    'num_epochs': integer(1),
+    'optimizer': one_of('adam', 'adamw', 'sgd'),
+    'learning_rate': number(0, low_open=True),
+    'lr_schedule': one_of('constant', 'cosine'),
+    'warmup_epochs': number(0),
+    'weight_decay': number(0),
+    'grad_clip_norm': number(0),
+    'momentum': number(0, 1, high_open=True),
+    'ignore_label': integer(-1, 255),
+    'class_weighting': one_of('none', 'inverse', 'median'),
+    'class_weight_max': number(0, low_open=True),
+    'lovasz_weight': number(0),
+    # ---- loop ----
+    'log_every_steps': integer(1),
+    'eval_every_epochs': integer(1),
+    'checkpoint_every_steps': integer(1),
+    'max_to_keep': integer(1),
+    'eval_split': one_of('validation', 'test', 'train'),
+    'distributed': one_of('auto', 'on', 'off'),
+}
+
+_MISSING = object()
+
+
+def _get(config, path: str):
+  value = config
+  for key in path.split('.'):
+    try:
+      value = value[key]
+    except (KeyError, TypeError):
+      return _MISSING
+  return value
+
+
+def field_problems(config, rules: dict[str, Rule] = RULES) -> list[str]:
+  """One line per field that breaks its rule (or is missing)."""
   problems = []
+  for path, (test, requirement) in rules.items():
+    value = _get(config, path)
+    if value is _MISSING:
+      problems.append(f'{path} is missing')
+    elif not test(value):
+      problems.append(f'{path} must be {requirement}, got {value!r}')
+  return problems
+
+
+def check_fields(config) -> None:
+  """Raises ConfigError naming every field that breaks its rule; needs no devices."""
+  problems = field_problems(config)
+  if problems:
+    raise ConfigError('invalid config: ' + '; '.join(problems))
+
+
+def check_config(config, num_devices: int) -> None:
+  """Raises ConfigError naming every field that is wrong; reads and writes nothing."""
+  problems = field_problems(config)
+  bad = {p.split(' ')[0] for p in problems}
 
   def require(condition: bool, message: str):
     if not condition:
       problems.append(message)
 
-  require(config.learning_rate > 0, f'learning_rate must be > 0, got {config.learning_rate}')
-  require(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
-  if config.batch_size > 0:
+  if 'batch_size' not in bad:
     require(config.batch_size % num_devices == 0,
             f'batch_size {config.batch_size} is not divisible by the {num_devices} devices')
-  require(config.num_epochs > 0, f'num_epochs must be > 0, got {config.num_epochs}')
-  require(config.weight_decay >= 0, f'weight_decay must be >= 0, got {config.weight_decay}')
-  require(config.grad_clip_norm >= 0, f'grad_clip_norm must be >= 0, got {config.grad_clip_norm}')
-  require(config.warmup_epochs >= 0, f'warmup_epochs must be >= 0, got {config.warmup_epochs}')
-  for name in ('log_every_steps', 'checkpoint_every_steps', 'eval_every_epochs', 'max_to_keep'):
-    require(config[name] >= 1, f'{name} must be >= 1, got {config[name]}')
-  require(2 <= config.model.num_classes <= 256,
-          f'model.num_classes must be in [2, 256] (masks are uint8), got {config.model.num_classes}')
-  require(config.model.base_filters >= 1,
-          f'model.base_filters must be >= 1, got {config.model.base_filters}')
-  require(config.model.depth >= 1, f'model.depth must be >= 1, got {config.model.depth}')
-  require(0 <= config.model.dropout_rate < 1,
-          f'model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}')
-  require(config.model.dtype in ('float32', 'bfloat16', 'float16'),
-          f"model.dtype must be 'float32', 'bfloat16' or 'float16', got {config.model.dtype!r}")
-  require(config.eval_split in ('validation', 'test', 'train'),
-          f"eval_split must be 'validation', 'test' or 'train', got {config.eval_split!r}")
-  if config.model.depth >= 1:
+  if not bad & {'data.validation_fraction', 'data.test_fraction'}:
+    require(config.data.validation_fraction + config.data.test_fraction < 1,
+            'data.validation_fraction + data.test_fraction must be < 1 (training needs frames), '
+            f'got {config.data.validation_fraction} + {config.data.test_fraction}')
+  if not bad & {'model.upconv_kernel_size', 'model.padding'}:
+    require(config.model.upconv_kernel_size == 2 or config.model.padding == 'SAME',
+            'model.upconv_kernel_size=3 needs model.padding=\'SAME\'')
+  if not bad & {'data.image_size', 'model.depth', 'model.padding'}:
     try:
       models.check_input_size(config.data.image_size, config.model.depth, config.model.padding)
     except ValueError as error:
       problems.append(f'data.image_size: {error}')
+  if config.data.train_crop_size and not bad & {'data.train_crop_size', 'model.depth',
+                                                'model.padding'}:
+    try:
+      models.check_input_size(config.data.train_crop_size, config.model.depth,
+                              config.model.padding)
+    except ValueError as error:
+      problems.append(f'data.train_crop_size: {error}')
   if problems:
     raise ConfigError('invalid config: ' + '; '.join(problems))

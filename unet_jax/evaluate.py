@@ -1,7 +1,8 @@
 r"""Evaluates a trained checkpoint and writes a report a person can read.
 
     python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
-        [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8]
+        [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8] \
+        [--tta_flip] [--tta_scales=1.0,0.75,1.25]
 
 Works from the workdir alone: its config.json and checkpoints. With
 --data_dir it evaluates every pair of any CARLA-format folder instead of a
@@ -15,8 +16,10 @@ split, preprocessed as in training; the split is then called
 * confusion.png: the row-normalised confusion matrix;
 * examples.png: `num_images` frames as image | truth | prediction | errors.
 
-The metrics come from training's own compiled eval step and `train.evaluate`,
-so for the same checkpoint and split they equal training's evaluation.
+The metrics come from training's own compiled eval step and
+`evaluation.evaluate`, so for the same checkpoint and split they equal
+training's evaluation. The model's variables alone are restored
+(`checkpointing.restore_model`); nothing of training is imported.
 """
 
 from collections.abc import Sequence
@@ -32,12 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax import checkpointing
 from unet_jax import classes
+from unet_jax import cli
+from unet_jax import console
+from unet_jax import errors
+from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
-from unet_jax import train
+from unet_jax import sharding
+from unet_jax import tta
 from unet_jax import visualize
+from unet_jax import xla_flags
 
 EVAL_DIR = 'eval'
 
@@ -47,7 +57,7 @@ def load_split(config, mesh, split: str, data_dir: str | None, workdir: str):
   if data_dir is None:
     datasets = input_pipeline.create_datasets(config, mesh)
     if split not in datasets:
-      raise ValueError(f'split must be one of {sorted(datasets)}, got {split!r}')
+      raise errors.UserError(f'split must be one of {sorted(datasets)}, got {split!r}')
     return datasets[split], split
   folder = pathlib.Path(data_dir).resolve()
   # The prepared copy goes into the workdir, not into the person's folder
@@ -63,19 +73,20 @@ def _host_copy(x) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def collect_examples(model, variables, data, mesh, num_images: int, ignore_label: int) -> dict:
+def collect_examples(model, variables, data, mesh, num_images: int, ignore_label: int,
+                     apply_fn=None) -> dict:
   """The first `num_images` frames of a split with their predictions, as numpy.
 
   Images are cropped to the labelled centre (all of it with SAME padding), so
   that the four panels of a row line up pixel for pixel.
   """
-  replicated = train.replicated(mesh)
+  replicated = sharding.replicated(mesh)
 
   def predict(variables, batch):
-    logits = model.apply(variables, batch['image'], train=False)
+    logits = (apply_fn or model.apply)(variables, batch['image'], train=False)
     return batch['image'], batch['label'], batch['valid'], jnp.argmax(logits, -1)
 
-  predict = jax.jit(predict, in_shardings=(replicated, train.data_sharded(mesh)),
+  predict = jax.jit(predict, in_shardings=(replicated, sharding.data_sharded(mesh)),
                     out_shardings=replicated)
   images, labels, predictions = [], [], []
   for batch in data.eval_batches():
@@ -192,21 +203,34 @@ def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
 
 
 def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
-                     data_dir: str | None = None, num_images: int = 8):
+                     data_dir: str | None = None, num_images: int = 8, tta_flip: bool = False,
+                     tta_scales=(1.0,), skip_bad_pairs: bool | None = None):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
 
+  tta_flip and tta_scales: test-time augmentation (unet_jax.tta); the default
+  is the model alone. skip_bad_pairs: skip unreadable pairs with a warning
+  instead of stopping; None keeps the training config's setting.
+
   Returns:
-    (summary, out_dir): `train.evaluate`'s summary plus 'step', and the
+    (summary, out_dir): `evaluation.evaluate`'s summary plus 'step', and the
     report folder `<workdir>/eval/<split>-<step>`.
   """
-  mesh = train.create_mesh()
-  config, variables, step = train.restore_variables(
-      workdir, checkpoint, sharding=train.replicated(mesh))
+  mesh = sharding.create_mesh()
+  config, variables, step = checkpointing.restore_model(
+      workdir, checkpoint, sharding=sharding.replicated(mesh))
+  if skip_bad_pairs is not None:
+    config.data.skip_bad_pairs = skip_bad_pairs
+  # The report is written after all the scoring: find out now if it cannot be.
+  if jax.process_index() == 0:
+    checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')
   data, split_name = load_split(config, mesh, split, data_dir, workdir)
   model = models.unet_from_config(config.model)
-  summary = train.evaluate(train.compile_eval_step(config, mesh, model), variables, data)
+  apply_fn = tta.from_flags(model, tta_flip, tta_scales)
+  summary = evaluation.evaluate(evaluation.compile_eval_step(config, mesh, model, apply_fn),
+                                variables, data)
   summary['step'] = step
-  examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label)
+  examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
+                              apply_fn)
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}'
   if jax.process_index() == 0:
     record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
@@ -227,14 +251,22 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_string('data_dir', None, 'A CARLA-format folder to evaluate instead of a split.')
   flags.DEFINE_integer('num_images', 8, 'Frames shown in examples.png.')
+  flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
+  flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25.')
+  flags.DEFINE_bool('skip_bad_pairs', None,
+                    'Skip unreadable image/mask pairs with a warning (default: the training '
+                    "config's data.skip_bad_pairs).")
   flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=cli.verbose())
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
-                                      FLAGS.data_dir, FLAGS.num_images)
+                                      FLAGS.data_dir, FLAGS.num_images, FLAGS.tta_flip,
+                                      FLAGS.tta_scales, FLAGS.skip_bad_pairs)
   print(f'step {summary["step"]}: pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '
         f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')
@@ -242,4 +274,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -35,9 +35,13 @@ from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax import checkpointing
 from unet_jax import classes
+from unet_jax import cli
+from unet_jax import console
+from unet_jax import errors
 from unet_jax import models
-from unet_jax import train
+from unet_jax import xla_flags
 
 FORMATS = ('onnx', 'stablehlo')
 FILE_NAMES = {'onnx': 'model.onnx', 'stablehlo': 'model.stablehlo'}
@@ -50,7 +54,7 @@ DIM_NAMES = ('batch', 'height', 'width')
 def restore(workdir: str, checkpoint: str):
   """(config, variables, step) of a workdir's checkpoint, on this host's first device."""
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return train.restore_variables(workdir, checkpoint, sharding=sharding)
+  return checkpointing.restore_model(workdir, checkpoint, sharding=sharding)
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def export_model(config, variables, step: int, *, file_format: str, output_dir: 
   output = pathlib.Path(output_dir)
   for other, name in FILE_NAMES.items():
     if other != file_format and (output / name).exists():
-      raise ValueError(f'{output / name} exists: {output_dir} holds a {other} export; '
+      raise errors.UserError(f'{output / name} exists: {output_dir} holds a {other} export; '
                        'write each format to its own folder')
   output.mkdir(parents=True, exist_ok=True)
   path = _write(output, FILE_NAMES[file_format], data)
@@ -221,8 +225,10 @@ def define_flags() -> None:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=cli.verbose())
   path = export_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.format, FLAGS.output)
   metadata = json.loads((path.parent / METADATA_FILE).read_text())
   print(f'wrote {path} ({path.stat().st_size / 1e6:.1f} MB, checkpoint step '
@@ -232,4 +238,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,12 @@ output size: centre-cropped for VALID padding) and 'valid' bool [B].
 
 The order of a training epoch is a pure function of (seed, epoch), and so is
 each example's augmentation, so `train_batches(epoch, first_step)` resumes a
-run exactly. Two ways to deliver batches:
+run exactly. Row k of `epoch_uniforms` drives the k-th example of the epoch
+(its slot), so a frame drawn twice in an epoch is augmented twice. Two
+options shape training examples: `data.train_crop_size` trains on random
+crops of the frames (scaled by `augment.scale_range` first) while evaluation
+sees whole frames, and `data.rare_boost` draws frames holding rare classes
+more often (`rare_frame_weights`). Two ways to deliver batches:
 
 * device cache: the preprocessed split lives on the devices as uint8
   (replicated) and one jitted function gathers and augments each batch there;
@@ -40,6 +45,8 @@ from PIL import Image
 
 from unet_jax import carla_dataset
 from unet_jax import carla_files
+from unet_jax import classes
+from unet_jax import errors
 from unet_jax import models
 from unet_jax import synthetic
 
@@ -78,35 +85,41 @@ def centre_crop_label(label, label_size: tuple[int, int]):
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
+  """Training augmentation. `crop_size` (height, width): the output is a crop
+  of that size of the frame scaled by a factor in `scale_range`; None keeps
+  the frame's size (then scale > 1 zooms in and crops back to it)."""
   horizontal_flip: bool = False
   scale_range: tuple[float, float] = (1.0, 1.0)
   brightness: float = 0.0
   contrast: float = 0.0
   saturation: float = 0.0
+  crop_size: tuple[int, int] | None = None
 
   @classmethod
-  def from_config(cls, augment) -> 'Augment':
+  def from_config(cls, augment, crop_size=None) -> 'Augment':
     return cls(bool(augment.horizontal_flip), tuple(float(s) for s in augment.scale_range),
-               float(augment.brightness), float(augment.contrast), float(augment.saturation))
+               float(augment.brightness), float(augment.contrast), float(augment.saturation),
+               tuple(int(n) for n in crop_size) if crop_size else None)
 
   @property
   def enabled(self) -> bool:
     return (self.horizontal_flip or self.scale_range != (1.0, 1.0) or
-            any((self.brightness, self.contrast, self.saturation)))
+            self.crop_size is not None or any((self.brightness, self.contrast, self.saturation)))
 
 
-def _sample_positions(xp, length: int, scale, start_fraction, flip):
+def _sample_positions(xp, out_length: int, in_length: int, scale, start_fraction, flip):
   """Source coordinates of the output pixels along one axis.
 
-  A window of length/scale pixels, placed at start_fraction of the free
-  range, is stretched over the output (scale > 1 zooms in; scale < 1 zooms
-  out and repeats the border).
+  The frame scaled by `scale`, cropped to `out_length` pixels at
+  start_fraction of the free range: in source pixels a window of
+  out_length/scale (scale > 1 zooms in; a window longer than the frame
+  repeats the border).
   """
-  window = length / scale
-  start = start_fraction * (length - window)
-  positions = start + (xp.arange(length, dtype=xp.float32) + 0.5) * (window / length) - 0.5
+  window = out_length / scale
+  start = start_fraction * (in_length - window)
+  positions = start + (xp.arange(out_length, dtype=xp.float32) + 0.5) / scale - 0.5
   if flip is not None:
-    positions = xp.where(flip, (length - 1) - positions, positions)
+    positions = xp.where(flip, (in_length - 1) - positions, positions)
   return positions
 
 
@@ -129,15 +142,19 @@ def augment_example(xp, image, label, uniforms, augment: Augment):
   """Augments one example. image float32 [H, W, 3] in [0, 1], label [H, W]; uniforms [7] in [0, 1).
 
   The flip and the scale-and-crop move image and label by the same sampling
-  positions (image bilinear, label nearest); colour jitter touches the image only.
+  positions (image bilinear, label nearest, so labels are never blended);
+  colour jitter touches the image only. The output is augment.crop_size, or
+  [H, W] without a crop size.
   """
   height, width = label.shape
-  if augment.horizontal_flip or augment.scale_range != (1.0, 1.0):
+  out_height, out_width = augment.crop_size or (height, width)
+  if (augment.horizontal_flip or augment.scale_range != (1.0, 1.0) or
+      (out_height, out_width) != (height, width)):
     low, high = augment.scale_range
     scale = low + (high - low) * uniforms[1]
     flip = uniforms[0] < 0.5 if augment.horizontal_flip else None
-    rows = _sample_positions(xp, height, scale, uniforms[2], None)
-    cols = _sample_positions(xp, width, scale, uniforms[3], flip)
+    rows = _sample_positions(xp, out_height, height, scale, uniforms[2], None)
+    cols = _sample_positions(xp, out_width, width, scale, uniforms[3], flip)
     image = _linear_take(xp, _linear_take(xp, image, rows, 0), cols, 1)
     label = _nearest_take(xp, _nearest_take(xp, label, rows, 0), cols, 1)
   if augment.saturation:
@@ -160,10 +177,41 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def train_schedule(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-  """int64 [steps, batch]: example indices of every global batch (remainder dropped)."""
+def train_schedule(num_examples: int, batch_size: int, seed: int, epoch: int,
+                   weights: np.ndarray | None = None) -> np.ndarray:
+  """int64 [steps, batch]: example indices of every global batch (remainder dropped).
+
+  Without weights each example once, in `epoch_order`; with weights [N] the
+  same number of draws with replacement, example i with probability
+  weights[i] / sum(weights). Either way a pure function of (seed, epoch).
+  """
   steps = num_examples // batch_size
-  return epoch_order(num_examples, seed, epoch)[:steps * batch_size].reshape(steps, batch_size)
+  if weights is None:
+    order = epoch_order(num_examples, seed, epoch)
+  else:
+    weights = np.asarray(weights, np.float64)
+    order = np.random.default_rng([seed, epoch]).choice(num_examples, size=num_examples,
+                                                        p=weights / weights.sum())
+  return order[:steps * batch_size].reshape(steps, batch_size)
+
+
+def rare_frame_weights(frame_counts: np.ndarray, rare_classes, boost: float) -> np.ndarray:
+  """float64 [N]: sampling weight of each frame from its per-class pixel counts [N, C].
+
+  A frame's rare content is, per rare class, its pixels of that class over
+  the class's mean per frame, averaged over the rare classes present in the
+  split: 1 for a frame of average content, 0 for a frame with none. The
+  weight is 1 + boost * content, so a frame of average rare content is drawn
+  1 + boost times as often as one with none. Pixel shares rather than
+  presence: at 640x480 poles occur in every CARLA frame.
+  """
+  counts = np.asarray(frame_counts, np.float64)[:, list(rare_classes)]
+  mean = counts.mean(axis=0)
+  present = mean > 0
+  if not present.any():
+    return np.ones(len(counts))
+  content = (counts[:, present] / mean[present]).mean(axis=1)
+  return 1.0 + boost * content
 
 
 def eval_schedule(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,9 +231,10 @@ def process_columns(batch_size: int, process_index: int, process_count: int) -> 
 
 
 def epoch_uniforms(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """float32 [num_examples, NUM_AUGMENT_UNIFORMS]: row i drives example i's
-  augmentation in this epoch, whichever mode delivers it (one vectorised draw
-  an epoch; the trailing 1 keeps the stream apart from `epoch_order`'s)."""
+  """float32 [num_examples, NUM_AUGMENT_UNIFORMS]: row k drives the augmentation
+  of the epoch's k-th example (slot k of `train_schedule`), whichever mode
+  delivers it (one vectorised draw an epoch; the trailing 1 keeps the stream
+  apart from `epoch_order`'s)."""
   return np.random.default_rng([seed, epoch, 1]).random((num_examples, NUM_AUGMENT_UNIFORMS),
                                                         dtype=np.float32)
 
@@ -232,8 +281,10 @@ class SegmentationData:
 
   def __init__(self, *, name: str, builder, image_size: tuple[int, int],
                label_size: tuple[int, int], global_batch_size: int, mesh: jax.sharding.Mesh,
+               label_geometry: tuple[int, str] = (1, 'SAME'),
                seed: int, augment: Augment, num_classes: int, device_cache: bool,
-               prefetch_batches: int = 2, num_workers: int = 0):
+               prefetch_batches: int = 2, num_workers: int = 0, rare_classes=(),
+               rare_boost: float = 0.0):
     self.name = name
     self._source = carla_dataset.data_source(builder, name)
     self._builder = builder
@@ -249,13 +300,20 @@ class SegmentationData:
     self._num_workers = num_workers
     self._batch_sharding = NamedSharding(mesh, P('data'))
     self._replicated = NamedSharding(mesh, P())
-    self._class_counts = None
+    self._frame_counts = None
+    self._rare_classes = tuple(rare_classes)
+    self._rare_boost = float(rare_boost)
+    # Training examples: the crop size, or whole frames.
+    self.train_image_size = augment.crop_size or self.image_size
+    self.train_label_size = (models.output_size(self.train_image_size, *label_geometry)
+                             if augment.crop_size else self.label_size)
     training = name == 'train'
     self.steps_per_epoch = (self.num_examples // global_batch_size if training else
                             -(-self.num_examples // global_batch_size))
     if training and self.steps_per_epoch == 0:
-      raise ValueError(f'the {name} split has {self.num_examples} examples, fewer than one '
-                       f'batch of {global_batch_size}; lower config.batch_size or add data')
+      raise errors.UserError(f'the {name} split has {self.num_examples} examples, fewer than '
+                             f'one batch of {global_batch_size}; lower config.batch_size or add '
+                             'data')
     devices = mesh.shape['data']
     if global_batch_size % devices:
       raise ValueError(f'batch size {global_batch_size} is not divisible by the {devices} '
@@ -273,29 +331,33 @@ class SegmentationData:
     example = self._source[int(index)]
     return resize_pair(example['image'], example['segmentation_mask'][..., 0], self.image_size)
 
-  def _host_example(self, uniforms: np.ndarray | None, index_and_valid):
-    index, valid = index_and_valid
+  def _host_example(self, example):
+    index, valid, uniforms = example
     image, label = self.load_example(index)
     image = image.astype(np.float32) / 255.0
+    label_size = self.label_size
     if uniforms is not None:
-      image, label = augment_example(np, image, label, uniforms[index], self._augment)
-    return {'image': image, 'label': centre_crop_label(label, self.label_size).astype(np.int32),
+      image, label = augment_example(np, image, label, uniforms, self._augment)
+      label_size = self.train_label_size
+    return {'image': image, 'label': centre_crop_label(label, label_size).astype(np.int32),
             'valid': np.bool_(valid)}
 
-  def host_batches(self, indices: np.ndarray, valid: np.ndarray, *, epoch: int, augment: bool,
-                   process_index: int | None = None,
+  def host_batches(self, indices: np.ndarray, valid: np.ndarray, *,
+                   uniforms: np.ndarray | None = None, process_index: int | None = None,
                    process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """numpy batches of this process's columns of the global [steps, B] schedule."""
+    """numpy batches of this process's columns of the global [steps, B] schedule;
+    each example augmented with its row of `uniforms` [steps, B, 7] if given."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     columns = process_columns(self.global_batch_size, process_index, process_count)
-    local = list(zip(indices[:, columns].ravel().tolist(), valid[:, columns].ravel().tolist()))
+    rows = ([None] * indices[:, columns].size if uniforms is None
+            else list(uniforms[:, columns].reshape(-1, NUM_AUGMENT_UNIFORMS)))
+    local = list(zip(indices[:, columns].ravel().tolist(), valid[:, columns].ravel().tolist(),
+                     rows))
     if not local:
       return iter(())
     local_batch = columns.stop - columns.start
-    uniforms = (epoch_uniforms(self.num_examples, self._seed, epoch)
-                if augment and self._augment.enabled else None)
-    dataset = grain.MapDataset.source(local).map(functools.partial(self._host_example, uniforms))
+    dataset = grain.MapDataset.source(local).map(self._host_example)
     iterable = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=os.cpu_count() or 1,
         prefetch_buffer_size=max(self._prefetch, 1) * local_batch)).batch(local_batch)
@@ -303,10 +365,12 @@ class SegmentationData:
       iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
     return iter(iterable)
 
-  def _stream(self, indices, valid, *, epoch: int, augment: bool):
+  def _stream(self, indices, valid, *, uniforms):
+    image_size, label_size = ((self.image_size, self.label_size) if uniforms is None
+                              else (self.train_image_size, self.train_label_size))
     global_shapes = {
-        'image': (self.global_batch_size, *self.image_size, 3),
-        'label': (self.global_batch_size, *self.label_size),
+        'image': (self.global_batch_size, *image_size, 3),
+        'label': (self.global_batch_size, *label_size),
         'valid': (self.global_batch_size,),
     }
 
@@ -315,7 +379,7 @@ class SegmentationData:
                                                           global_shapes[key])
               for key, value in batch.items()}
 
-    return _prefetch_in_thread(self.host_batches(indices, valid, epoch=epoch, augment=augment),
+    return _prefetch_in_thread(self.host_batches(indices, valid, uniforms=uniforms),
                                to_global, self._prefetch)
 
   # ---- device cache ----
@@ -326,23 +390,22 @@ class SegmentationData:
       examples = list(pool.map(self.load_example, range(self.num_examples)))
     images = np.stack([image for image, _ in examples])
     labels = np.stack([label for _, label in examples])
-    self._class_counts = carla_files.class_pixel_counts(
-        centre_crop_label(labels, self.label_size), self._num_classes)
+    self._frame_counts = self._count_frames(centre_crop_label(labels, self.label_size))
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
     return {'images': put(images), 'labels': put(labels),
             'gather': jax.jit(functools.partial(_gather_batch, augment=self._augment,
-                                                label_size=self.label_size),
+                                                label_size=self.label_size,
+                                                train_label_size=self.train_label_size),
                               static_argnames='training',
                               out_shardings=(self._batch_sharding, self._replicated))}
 
-  def _from_cache(self, indices, valid, *, epoch: int, augment: bool):
+  def _from_cache(self, indices, valid, *, uniforms):
     cache = self._cache
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
-    training = augment and self._augment.enabled
-    # The same per-example draws as the streaming path, so both modes train
+    training = uniforms is not None
+    # The same per-slot draws as the streaming path, so both modes train
     # identically; one table an epoch, indexed on the devices.
-    uniforms = put(epoch_uniforms(self.num_examples, self._seed, epoch) if training
-                   else np.zeros((1, NUM_AUGMENT_UNIFORMS), np.float32))
+    uniforms = put(uniforms if training else np.zeros((1, 1, NUM_AUGMENT_UNIFORMS), np.float32))
     # The epoch's whole schedule goes to the devices once and the row counter
     # stays there: each step is one dispatch and no host-to-device copy (on
     # a GPU two small copies a step cost more than its short step hides).
@@ -355,23 +418,38 @@ class SegmentationData:
 
   # ---- public ----
 
+  def sampling_weights(self) -> np.ndarray | None:
+    """The training draw's per-example weights (`rare_frame_weights`); None: each once."""
+    if not self._rare_boost or not self._rare_classes:
+      return None
+    return rare_frame_weights(self.frame_class_counts(), self._rare_classes, self._rare_boost)
+
   def train_batches(self, epoch: int, first_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Augmented batches of one epoch in the (seed, epoch) order, from step first_step."""
-    indices = train_schedule(self.num_examples, self.global_batch_size, self._seed, epoch)
+    indices = train_schedule(self.num_examples, self.global_batch_size, self._seed, epoch,
+                             self.sampling_weights())
+    uniforms = None
+    if self._augment.enabled:
+      uniforms = epoch_uniforms(self.num_examples, self._seed, epoch)[:indices.size]
+      uniforms = uniforms.reshape(*indices.shape, NUM_AUGMENT_UNIFORMS)[first_step:]
     indices = indices[first_step:]
     valid = np.ones(indices.shape, bool)
     deliver = self._from_cache if self.device_cached else self._stream
-    return deliver(indices, valid, epoch=epoch, augment=True)
+    return deliver(indices, valid, uniforms=uniforms)
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """Every example once, in order, not augmented; padding in the last batch has valid=False."""
     indices, valid = eval_schedule(self.num_examples, self.global_batch_size)
     deliver = self._from_cache if self.device_cached else self._stream
-    return deliver(indices, valid, epoch=0, augment=False)
+    return deliver(indices, valid, uniforms=None)
 
-  def class_pixel_counts(self) -> np.ndarray:
-    """int64 [num_classes]: label pixels per class over the split, at label_size."""
-    if self._class_counts is None:
+  def _count_frames(self, labels) -> np.ndarray:
+    return np.stack([np.bincount(np.asarray(label).ravel(), minlength=self._num_classes)
+                     [:self._num_classes] for label in labels]).astype(np.int64)
+
+  def frame_class_counts(self) -> np.ndarray:
+    """int64 [num_examples, num_classes]: label pixels per class of each frame, at label_size."""
+    if self._frame_counts is None:
       masks = carla_dataset.mask_source(self._builder, self.name)
       # The image stays encoded; only masks are decoded.
       def count(index):
@@ -381,22 +459,26 @@ class SegmentationData:
                                                          Image.Resampling.NEAREST))
         return centre_crop_label(mask, self.label_size)
       with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        self._class_counts = carla_files.class_pixel_counts(
-            pool.map(count, range(self.num_examples)), self._num_classes)
-    return self._class_counts.copy()
+        self._frame_counts = self._count_frames(pool.map(count, range(self.num_examples)))
+    return self._frame_counts.copy()
+
+  def class_pixel_counts(self) -> np.ndarray:
+    """int64 [num_classes]: label pixels per class over the split, at label_size."""
+    return self.frame_class_counts().sum(axis=0)
 
 
 def _gather_batch(images, labels, uniforms, epoch_indices, epoch_valid, row, *,
-                  augment: Augment, label_size, training: bool):
+                  augment: Augment, label_size, train_label_size, training: bool):
   """Device side: gathers the cached examples of `row` of the epoch's schedule,
-  augments them (training) with their rows of `uniforms` (`epoch_uniforms`)
-  and crops labels. Returns the batch and the next row."""
+  augments them (training) with their rows of `uniforms` [steps, B, 7] and
+  crops labels. Returns the batch and the next row."""
   indices, valid = epoch_indices[row], epoch_valid[row]
   image = images[indices].astype(jnp.float32) / 255.0
   label = labels[indices]
   if training:
     image, label = jax.vmap(lambda x, y, u: augment_example(jnp, x, y, u, augment))(
-        image, label, uniforms[indices])
+        image, label, uniforms[row])
+    label_size = train_label_size
   return {'image': image, 'label': centre_crop_label(label, label_size).astype(jnp.int32),
           'valid': valid}, row + 1
 
@@ -452,10 +534,13 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
   return {
       name: SegmentationData(
           name=name, builder=builder, image_size=image_size, label_size=label_size,
+          label_geometry=(config.model.depth, config.model.padding),
           global_batch_size=config.batch_size, mesh=mesh, seed=config.seed,
-          augment=Augment.from_config(data.augment), num_classes=config.model.num_classes,
-          device_cache=device_cache, prefetch_batches=data.prefetch_batches,
-          num_workers=data.num_workers)
+          augment=Augment.from_config(data.augment, data.get('train_crop_size')),
+          num_classes=config.model.num_classes, device_cache=device_cache,
+          prefetch_batches=data.prefetch_batches, num_workers=data.num_workers,
+          rare_classes=[classes.CLASS_NAMES.index(c) for c in data.get('rare_classes', ())],
+          rare_boost=data.get('rare_boost', 0.0))
       for name in carla_dataset.SPLITS if name in sizes
   }
 

@@ -2,8 +2,12 @@ r"""Trains a U-Net: `python -m unet_jax.main --config=configs/carla.py --workdir
 
 Any config field can be overridden (`--config.batch_size=8`). Started again on
 the same workdir, training resumes from the latest checkpoint. This file only
-parses flags; the work is in `unet_jax.train`.
+parses flags; the work is in `unet_jax.train`. A known error (bad data,
+config, workdir or checkpoint) prints as one line; `-v 1` adds the traceback.
 """
+
+import os
+import pathlib
 
 from absl import app
 from absl import flags
@@ -11,8 +15,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from unet_jax import checkpointing
+from unet_jax import cli
+from unet_jax import config_checks
+from unet_jax import console
 from unet_jax import distributed
 from unet_jax import train
+from unet_jax import xla_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for the config, checkpoints and logs.')
@@ -24,17 +33,40 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes (or JAX_NUM_PRO
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+LOG_FILE = 'train.log'
+
+
+def config_summary(config) -> str:
+  """The run in one line; the whole config goes to the log file and config.json."""
+  model = config.model
+  height, width = config.data.image_size
+  return (f'U-Net {model.get("encoder", "unet")} (base {model.base_filters}, depth {model.depth}, '
+          f'{model.padding}{", batch norm" if model.use_batch_norm else ""}, {model.dtype}) at '
+          f'{height}x{width} on {config.data.data_dir}; batch {config.batch_size}, '
+          f'{config.num_epochs} epochs, {config.optimizer} {config.learning_rate:g} '
+          f'{config.lr_schedule}, class weights {config.class_weighting}')
+
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_checks.check_fields(FLAGS.config)  # before anything starts, even the runtime
+  console.setup(verbose=cli.verbose())
   distributed.initialize(FLAGS.config.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
-  logging.info('JAX process %d of %d, local devices %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
-  logging.info('Config:\n%s', FLAGS.config)
+  log_file = pathlib.Path(FLAGS.workdir) / (
+      LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log')
+  checkpointing.check_workdir(FLAGS.workdir)  # (a clear error if it cannot take the log)
+  console.add_log_file(log_file)
+  logging.info('JAX process %d of %d, local devices %s, XLA_FLAGS=%r', jax.process_index(),
+               jax.process_count(), jax.local_devices(), os.environ.get('XLA_FLAGS', ''),
+               extra=console.FILE_ONLY)
+  logging.info('Config:\n%s', FLAGS.config, extra=console.FILE_ONLY)
+  logging.info('%s', config_summary(FLAGS.config))
+  logging.info('Workdir %s (log: %s)', FLAGS.workdir, log_file)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -15,6 +15,7 @@ import tensorboardX
 import tqdm
 
 from unet_jax import classes
+from unet_jax import console
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -38,7 +39,9 @@ class MetricWriter:
     self._summary = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR),
                                                flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
-  def write(self, step: int, scalars: dict) -> None:
+  def write(self, step: int, scalars: dict, echo: bool = True) -> None:
+    """Appends to metrics.jsonl and TensorBoard; the line goes to the console
+    too if `echo` (else to the log file only)."""
     if not self._enabled:
       return
     values = {k: float(v) for k, v in scalars.items()}
@@ -47,7 +50,7 @@ class MetricWriter:
     for name, value in values.items():
       self._summary.add_scalar(name, value, step)
     shown = ', '.join(f'{k}={v:.4g}' for k, v in values.items() if '/' not in k)
-    logging.info('[%d] %s', step, shown)
+    logging.info('[%d] %s', step, shown, extra=None if echo else console.FILE_ONLY)
 
   def close(self) -> None:
     if self._enabled:

@@ -1,7 +1,8 @@
 r"""Runs a trained U-Net on images of any size; writes masks and pictures.
 
     python -m unet_jax.predict --workdir=runs/carla --input=FILE_OR_DIR --output=DIR \
-        [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N]
+        [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N] \
+        [--tta_flip] [--tta_scales=1.0,0.75,1.25]
 
 For every input PNG (a file, or every file of a folder) it writes into
 --output `<stem>_mask.png` (the CARLA mask format: class index in channel 0,
@@ -44,11 +45,17 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import carla_files
+from unet_jax import checkpointing
+from unet_jax import cli
+from unet_jax import console
+from unet_jax import errors
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
-from unet_jax import train
+from unet_jax import sharding
+from unet_jax import tta
 from unet_jax import visualize
+from unet_jax import xla_flags
 
 MODES = ('resize', 'tile')
 OUTPUT_SUFFIXES = ('_mask.png', '_color.png', '_overlay.png')
@@ -66,9 +73,9 @@ def list_inputs(input_path: str | os.PathLike) -> list[pathlib.Path]:
   if path.is_dir():
     files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith('.')]
     if not files:
-      raise ValueError(f'--input folder {path} holds no files')
+      raise errors.UserError(f'--input folder {path} holds no files')
     return files
-  raise ValueError(f'--input {path} is neither a file nor a folder')
+  raise errors.UserError(f'--input {path}: no such file or folder')
 
 
 def check_output_dir(output_dir: str | os.PathLike,
@@ -80,11 +87,11 @@ def check_output_dir(output_dir: str | os.PathLike,
   """
   output = pathlib.Path(output_dir).resolve()
   if output.exists() and not output.is_dir():
-    raise ValueError(f'--output {output_dir} exists and is not a folder')
+    raise errors.UserError(f'--output {output_dir} exists and is not a folder')
   for path in inputs:
     resolved = path.resolve()
     if output == resolved or output in resolved.parents:
-      raise ValueError(
+      raise errors.UserError(
           f'--output {output_dir} contains the input {path}: predictions could overwrite '
           'inputs. Choose an output folder outside the inputs.')
   return output
@@ -234,11 +241,13 @@ class _Pending:
   remaining: int
 
 
-def _compile_predict(model, mesh):
+def _compile_predict(model, mesh, apply_fn=None):
+  apply_fn = apply_fn or model.apply
+
   def predict(variables, images):
-    return jnp.argmax(model.apply(variables, images, train=False), axis=-1).astype(jnp.uint8)
-  return jax.jit(predict, in_shardings=(train.replicated(mesh), train.data_sharded(mesh)),
-                 out_shardings=train.data_sharded(mesh))
+    return jnp.argmax(apply_fn(variables, images, train=False), axis=-1).astype(jnp.uint8)
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
+                 out_shardings=sharding.data_sharded(mesh))
 
 
 def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
@@ -262,7 +271,8 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
 
 
 def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint: str = 'best',
-                  mode: str = 'resize', batch_size: int = 0) -> PredictionRun:
+                  mode: str = 'resize', batch_size: int = 0, tta_flip: bool = False,
+                  tta_scales=(1.0,)) -> PredictionRun:
   """Predicts every input and writes its three PNGs into output_dir.
 
   Args:
@@ -273,22 +283,26 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
     mode: 'resize' or 'tile' (see the module docstring).
     batch_size: tiles per device batch; 0 takes the training batch size.
       Rounded up to a multiple of the local device count.
+    tta_flip, tta_scales: test-time augmentation of every model input
+      (unet_jax.tta); the default is the model alone.
   """
   if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    raise errors.UserError(f'mode must be one of {MODES}, got {mode!r}')
   paths = list_inputs(input_path)
   output = check_output_dir(output_dir, paths)
-  output.mkdir(parents=True, exist_ok=True)
   # One process on all of its own devices: prediction needs no other host.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
-  config, variables, step = train.restore_variables(
-      workdir, checkpoint, sharding=train.replicated(mesh))
+  mesh = sharding.local_mesh()
+  config, variables, step = checkpointing.restore_model(
+      workdir, checkpoint, sharding=sharding.replicated(mesh))
   if config.model.num_classes > 256:
-    raise ValueError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+    raise errors.UserError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+  # Only now, with a model to run: a failed start leaves no empty folder behind.
+  checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
-  predict = _compile_predict(models.unet_from_config(config.model), mesh)
+  model = models.unet_from_config(config.model)
+  predict = _compile_predict(model, mesh, tta.from_flags(model, tta_flip, tta_scales))
   logging.info('Predicting %d file(s) with checkpoint %d (%s mode), batches of %d tiles on %d '
                'device(s).', len(paths), step, mode, batch_size, devices)
 
@@ -350,15 +364,19 @@ def define_flags() -> None:
   flags.DEFINE_enum('mode', 'resize', MODES,
                     'resize: to the training size and back; tile: native resolution.')
   flags.DEFINE_integer('batch_size', 0, 'Tiles per batch; 0: the training batch size.')
+  flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
+  flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25.')
   flags.mark_flags_as_required(['workdir', 'input', 'output'])
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=cli.verbose())
   run = predict_files(FLAGS.workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint,
-                      mode=FLAGS.mode, batch_size=FLAGS.batch_size)
-  print(f'wrote {len(run.written)} prediction(s) to {FLAGS.output} in {run.seconds:.1f} s')
+                      mode=FLAGS.mode, batch_size=FLAGS.batch_size, tta_flip=FLAGS.tta_flip,
+                      tta_scales=FLAGS.tta_scales)
   if run.failed:
     print(f'{len(run.failed)} input(s) failed:')
     for _, why in run.failed:
@@ -368,4 +386,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

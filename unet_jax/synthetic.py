@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import carla_files
+from unet_jax import cli
+from unet_jax import errors
 
 # CARLA 0.9.11 tags (unet_jax.classes.CLASS_NAMES).
 BUILDING, FENCE, OTHER, PEDESTRIAN, POLE, ROADLINE, ROAD, SIDEWALK = 1, 2, 3, 4, 5, 6, 7, 8
@@ -465,8 +467,17 @@ def write_scenes(output_dir: carla_files.PathLike, num_scenes: int, seed: int = 
                  size: tuple[int, int] = (480, 640)) -> list[str]:
   """Writes `num_scenes` pairs in the CARLA format; returns their names."""
   output_dir = pathlib.Path(output_dir)
-  for sub in (carla_files.IMAGE_DIR, carla_files.MASK_DIR):
-    (output_dir / sub).mkdir(parents=True, exist_ok=True)
+  if num_scenes < 1:
+    raise errors.UserError(f'the number of scenes must be >= 1, got {num_scenes}')
+  if min(size) < carla_files.MIN_SIDE:
+    raise errors.UserError(f'scenes of {size[1]}x{size[0]} pixels are too small: height and '
+                           f'width must be >= {carla_files.MIN_SIDE}')
+  try:
+    for sub in (carla_files.IMAGE_DIR, carla_files.MASK_DIR):
+      (output_dir / sub).mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise errors.UserError(f'{output_dir}: cannot write scenes there ({error.strerror or error})'
+                           ) from error
   # numpy and zlib release the GIL for most of the work.
   with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
     list(pool.map(lambda i: _write_one(output_dir, i, seed, tuple(size)), range(num_scenes)))
@@ -474,7 +485,8 @@ def write_scenes(output_dir: carla_files.PathLike, num_scenes: int, seed: int = 
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   names = write_scenes(f.output, f.num_scenes, f.seed, (f.height, f.width))
   print(f'wrote {len(names)} scenes to {f.output}')
@@ -488,4 +500,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('height', 480, 'Image height in pixels.')
   flags.DEFINE_integer('width', 640, 'Image width in pixels.')
   flags.mark_flag_as_required('output')
-  app.run(main)
+  cli.run(main)

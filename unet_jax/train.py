@@ -7,7 +7,6 @@ donated). `train_and_evaluate(config, workdir)` is the loop around them.
 """
 
 import functools
-import math
 import signal
 import time
 from typing import Any
@@ -23,39 +22,31 @@ import optax
 from unet_jax import checkpointing
 from unet_jax import classes
 from unet_jax import config_checks
+from unet_jax import errors
+from unet_jax import evaluation
 from unet_jax import input_pipeline
+from unet_jax import losses
 from unet_jax import metric_logging
-from unet_jax import metrics as metrics_lib
 from unet_jax import models
+from unet_jax import sharding
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """The loss or the state (parameters, statistics, optimizer moments) became inf or NaN."""
+
+
+# The mesh helpers live in `unet_jax.sharding`; these names stay for callers.
+create_mesh = sharding.create_mesh
+replicated = sharding.replicated
+data_sharded = sharding.data_sharded
 
 
 # --------------------------------------------------------------------------
-# Mesh and shardings.
-
-
-def create_mesh() -> jax.sharding.Mesh:
-  """A one-axis mesh over every device of every process."""
-  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-
-
-def replicated(mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def data_sharded(mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-
-
-# --------------------------------------------------------------------------
-# Optimizer and loss.
+# Optimizer.
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
@@ -89,51 +80,6 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.grad_clip_norm:
     optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
-
-
-def class_weights_from_counts(pixel_counts: np.ndarray, method: str,
-                              max_weight: float) -> np.ndarray | None:
-  """Per-class loss weights from training pixel counts; None for 'none'.
-
-  'inverse': total / (classes present * count), so a uniform distribution
-  gives 1 everywhere; 'median': median frequency / frequency (Eigen & Fergus).
-  Absent classes get weight 1 (they never occur in a label), and no weight
-  exceeds `max_weight`, so that a class of a handful of pixels cannot
-  dominate the loss.
-  """
-  if method == 'none':
-    return None
-  counts = np.asarray(pixel_counts, np.float64)
-  present = counts > 0
-  frequency = counts / counts.sum()
-  if method == 'inverse':
-    weights = np.where(present, 1.0 / (present.sum() * np.maximum(frequency, 1e-12)), 1.0)
-  elif method == 'median':
-    weights = np.where(present, np.median(frequency[present]) / np.maximum(frequency, 1e-12), 1.0)
-  else:
-    raise ValueError(f"class_weighting must be 'none', 'inverse' or 'median', got {method!r}")
-  return np.minimum(weights, max_weight).astype(np.float32)
-
-
-def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, class_weights=None):
-  """Softmax cross-entropy averaged over valid pixels.
-
-  Returns (sum of weighted per-pixel losses, sum of weights); the mean is
-  their ratio. Pixels labelled `ignore_label`, outside [0, num_classes), or
-  in an example with valid=False weigh nothing. With class weights the mean
-  is the weighted mean sum(w * loss) / sum(w).
-  """
-  num_classes = logits.shape[-1]
-  in_range = (labels >= 0) & (labels < num_classes) & (labels != ignore_label)
-  if valid is not None:
-    in_range &= valid.reshape(valid.shape + (1,) * (labels.ndim - valid.ndim))
-  safe_labels = jnp.where(in_range, labels, 0)
-  per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                              safe_labels)
-  weights = in_range.astype(jnp.float32)
-  if class_weights is not None:
-    weights = weights * jnp.asarray(class_weights)[safe_labels]
-  return jnp.sum(per_pixel * weights), jnp.sum(weights)
 
 
 # --------------------------------------------------------------------------
@@ -174,8 +120,12 @@ def model_variables(state: TrainState) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int,
-               class_weights, learning_rate_fn):
-  """One optimisation step; returns the new state and summable metrics."""
+               class_weights, learning_rate_fn, lovasz_weight: float = 0.0):
+  """One optimisation step; returns the new state and summable metrics.
+
+  The loss is the (class-weighted) cross-entropy, plus lovasz_weight times
+  the Lovasz-softmax loss when that is > 0.
+  """
   key = jax.random.fold_in(dropout_key, state.step)
   labels = batch['label']
 
@@ -187,10 +137,14 @@ def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int
       mutable = ['batch_stats']
     logits, updates = state.apply_fn(variables, batch['image'], train=True,
                                      rngs={'dropout': key}, mutable=mutable)
-    loss_sum, weight_sum = segmentation_loss(logits, labels, valid=batch['valid'],
-                                             ignore_label=ignore_label,
-                                             class_weights=class_weights)
-    return loss_sum / jnp.maximum(weight_sum, 1e-12), (logits, updates)
+    loss_sum, weight_sum = losses.segmentation_loss(logits, labels, valid=batch['valid'],
+                                                    ignore_label=ignore_label,
+                                                    class_weights=class_weights)
+    loss = loss_sum / jnp.maximum(weight_sum, 1e-12)
+    if lovasz_weight:
+      loss += lovasz_weight * losses.lovasz_softmax(logits, labels, valid=batch['valid'],
+                                                    ignore_label=ignore_label)
+    return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
@@ -211,82 +165,37 @@ def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int
   return new_state, metrics
 
 
-def eval_step(variables: dict, batch: dict, *, apply_fn, num_classes: int, ignore_label: int):
-  """The int32 confusion matrix of one batch and its summed loss."""
-  logits = apply_fn(variables, batch['image'], train=False)
-  labels = batch['label']
-  weights = batch['valid'][:, None, None] & (labels != ignore_label)
-  confusion = metrics_lib.confusion_matrix(labels, jnp.argmax(logits, -1), num_classes, weights)
-  loss_sum, weight_sum = segmentation_loss(logits, labels, valid=batch['valid'],
-                                           ignore_label=ignore_label)
-  return confusion, loss_sum, weight_sum
+def all_finite(tree) -> jax.Array:
+  """One boolean: every floating-point leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def checked_train_step(state: TrainState, batch: dict, dropout_key, **kwargs):
+  """`train_step`, with metrics['state_finite']: the new parameters, batch-norm
+  statistics and optimizer moments are all finite. Computed inside the step
+  (a few reductions) and read only at the log steps that precede every save."""
+  new_state, metrics = train_step(state, batch, dropout_key, **kwargs)
+  metrics['state_finite'] = all_finite((new_state.params, new_state.batch_stats,
+                                        new_state.opt_state))
+  return new_state, metrics
 
 
 def compile_train_step(config, mesh, learning_rate_fn, class_weights):
-  step = functools.partial(train_step, ignore_label=config.ignore_label,
-                           class_weights=class_weights, learning_rate_fn=learning_rate_fn)
+  step = functools.partial(checked_train_step, ignore_label=config.ignore_label,
+                           class_weights=class_weights, learning_rate_fn=learning_rate_fn,
+                           lovasz_weight=float(config.lovasz_weight))
   return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def compile_eval_step(config, mesh, model):
-  step = functools.partial(eval_step, apply_fn=model.apply,
-                           num_classes=config.model.num_classes, ignore_label=config.ignore_label)
-  return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh)),
-                 out_shardings=replicated(mesh))
-
-
-def evaluate(eval_step_fn, variables, data) -> dict:
-  """Confusion matrix (int64, exact) and mean loss over a whole split."""
-  num_pixels = data.global_batch_size * math.prod(data.label_size)
-  flush_every = max(1, (2**31 - 1) // num_pixels)  # int32 counts on device never overflow
-  confusion = np.zeros((0, 0), np.int64)
-  pending, loss_sum, weight_sum = None, 0.0, 0.0
-  for i, batch in enumerate(data.eval_batches()):
-    batch_confusion, batch_loss, batch_weight = eval_step_fn(variables, batch)
-    pending = batch_confusion if pending is None else pending + batch_confusion
-    loss_sum += batch_loss
-    weight_sum += batch_weight
-    if (i + 1) % flush_every == 0:
-      confusion = _add(confusion, pending)
-      pending = None
-  if pending is not None:
-    confusion = _add(confusion, pending)
-  summary = metrics_lib.summarize(confusion)
-  summary['loss'] = float(loss_sum) / max(float(weight_sum), 1e-12)
-  summary['confusion_matrix'] = confusion
-  return summary
-
-
-def _add(total: np.ndarray, device_counts) -> np.ndarray:
-  counts = np.asarray(jax.device_get(device_counts), np.int64)
-  return counts if total.size == 0 else total + counts
-
-
-def restore_variables(workdir: str, checkpoint: str = 'best', sharding=None):
-  """Model variables of a workdir's checkpoint, for evaluation and prediction.
-
-  Returns (config, variables, step); `variables` holds 'params' (and
-  'batch_stats' with batch norm), placed with `sharding`, by default
-  replicated over every device here (whatever devices the checkpoint was
-  written from).
-  """
-  config = checkpointing.load_config(workdir)
-  manager = checkpointing.create_manager(workdir, config, read_only=True)
-  step = checkpointing.select_step(manager, checkpoint, workdir)
-  model = models.unet_from_config(config.model)
-  learning_rate_fn = create_learning_rate_fn(config, 1)
-  template = jax.eval_shape(lambda: create_train_state(
-      config, model, learning_rate_fn, jax.random.key(0)))
-  sharding = sharding or replicated(create_mesh())
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          checkpointing.state_arrays(template))
-  arrays = checkpointing.restore_arrays(manager, step, template)
-  manager.close()
-  variables = {'params': arrays['params']}
-  if arrays['batch_stats'] is not None:
-    variables['batch_stats'] = arrays['batch_stats']
-  return config, variables, step
+# Evaluation and restoring live on the inference side; the old names stay.
+eval_step = evaluation.eval_step
+compile_eval_step = evaluation.compile_eval_step
+evaluate = evaluation.evaluate
+# Inference restores through `checkpointing.restore_model`; the old name stays.
+restore_variables = checkpointing.restore_model
 
 
 # --------------------------------------------------------------------------
@@ -341,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config_checks.check_config(config, num_devices=jax.device_count())
   checkpointing.check_workdir(workdir)
+  checkpointing.check_resumable(workdir, config)
   mesh = create_mesh()
   datasets = input_pipeline.create_datasets(config, mesh)
   train_data = datasets['train']
@@ -348,8 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = int(config.num_epochs * steps_per_epoch)
   if steps_per_epoch == 0:
-    raise ValueError(f'the training split has {train_data.num_examples} examples, fewer than '
-                     f'one batch of {config.batch_size}')
+    raise errors.UserError(f'the training split has {train_data.num_examples} examples, fewer '
+                           f'than one batch of {config.batch_size}')
 
   model = models.unet_from_config(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
@@ -361,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointing.save_config(workdir, config)
   start_step = int(state.step)
 
-  class_weights = class_weights_from_counts(
+  class_weights = losses.class_weights_from_counts(
       train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
   p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
   p_eval_step = compile_eval_step(config, mesh, model)
@@ -413,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
           last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
           writer.write(step, {**_eval_scalars(config.eval_split, last_eval),
-                              'epoch': end_of_epoch})
+                              'epoch': end_of_epoch}, echo=False)
           checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
           logging.info('epoch %d: %s pixel accuracy %.4f, mean IoU %.4f', end_of_epoch,
                        config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
@@ -428,6 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     logging.info('Final %s metrics at step %d:\n%s', config.eval_split, step,
                  metric_logging.per_class_table(last_eval))
+    logging.info('Checkpoints, metrics.jsonl and TensorBoard events (tensorboard --logdir %s) '
+                 'are in %s', workdir, workdir)
   return {**last_eval, 'step': step}
 
 
@@ -437,11 +349,15 @@ def _log_train_metrics(writer, history, step, timer, config, steps_per_epoch,
   history = jax.device_get(history)
   first_step = step - len(history) + 1
   for offset, step_metrics in enumerate(history):
-    if not np.isfinite(step_metrics['loss']):
+    loss_finite = bool(np.isfinite(step_metrics['loss']))
+    if not (loss_finite and step_metrics.get('state_finite', True)):
+      what = ('the parameters, batch-norm statistics or optimizer moments became inf or NaN'
+              if loss_finite else f'the training loss became {float(step_metrics["loss"])}')
+      kept = (f'the latest checkpoint, step {latest_checkpoint}, holds only finite values and '
+              'stays the latest' if latest_checkpoint is not None else 'no checkpoint was saved')
       raise NonFiniteLossError(
-          f'the training loss became {float(step_metrics["loss"])} at step '
-          f'{first_step + offset}; training stopped, and the last checkpoint (step '
-          f'{latest_checkpoint}) stays the latest.')
+          f'{what} at step {first_step + offset} (lower config.learning_rate or set '
+          f'config.grad_clip_norm); training stopped, and {kept}.')
   correct = sum(float(h['correct_pixels']) for h in history)
   labelled = sum(float(h['labelled_pixels']) for h in history)
   steps_per_second = (step - timer[1]) / max(time.perf_counter() - timer[0], 1e-9)

@@ -1,15 +1,19 @@
 """The XLA CPU options unet_jax runs with by default, set before JAX starts.
 
-XLA reads `XLA_FLAGS` once, when JAX creates its first backend, so
-`unet_jax/__init__.py` appends these to the environment variable at import.
+XLA reads `XLA_FLAGS` once, when JAX creates its first backend, so each
+entry point's `main` appends these to the environment variable first (a
+library module changes no global state at import; a program that calls
+unet_jax's functions itself can call `set_default_flags()` before JAX starts).
 A flag the user already set in `XLA_FLAGS` is left as the user set it.
 
 `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` leaves
 convolutions to XLA's own (Eigen) convolution instead of the YNNPACK library
-path that jaxlib 0.10.2 takes by default. Matrix products stay on YNNPACK.
-Measured on a 2-core AMD EPYC CPU, CARLA setting (batch 32, 96x128), in one
-process: the whole train step 1.39x faster (3.4 s against 4.7 s); YNNPACK is
-slowest on the kernel gradients of the high-resolution, few-channel layers.
+path that jaxlib 0.10 to 0.12 take by default. Matrix products stay on
+YNNPACK. Measured on a 2-core AMD EPYC CPU, CARLA setting (batch 32, 96x128),
+in one process: the whole train step 1.39x faster with jaxlib 0.10.2 (3.4 s
+against 4.7 s); with jaxlib 0.12.0.1 on a 2-core Xeon, 0.68x PyTorch's speed
+with the flag against 0.46x without. YNNPACK is slowest on the kernel
+gradients of the high-resolution, few-channel layers.
 Results agree within float32 rounding (tests/speed_formulation_test.py).
 """
 

@@ -1,6 +1,6 @@
 r"""Images per second delivered by `train_batches`, against the train step's rate.
 
-    python scripts/benchmark_input_pipeline.py [--data_dir=data/synthetic_benchmark] \
+    python -m benchmarks.input_pipeline_speed [--data_dir=data/synthetic_benchmark] \
         [--num_scenes=500] [--epochs=2] [--train_steps=5]
 
 The CARLA setting (configs/carla.py: 96x128, batch 32) on synthetic 640x480
@@ -23,6 +23,7 @@ sys.path.insert(0, '.')  # configs/ is not a package of the install
 from configs import carla  # noqa: E402
 from unet_jax import input_pipeline  # noqa: E402
 from unet_jax import models  # noqa: E402
+from unet_jax import xla_flags  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string('data_dir', 'data/synthetic_benchmark', 'CARLA-format folder.')
 _NUM_SCENES = flags.DEFINE_integer('num_scenes', 500, 'Synthetic scenes to write if it is empty.')
@@ -78,6 +79,7 @@ def train_step_images_per_second(config, mesh, train: input_pipeline.Segmentatio
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   del argv
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))  # as unet_jax.train builds it
   rates = {}

@@ -1,4 +1,4 @@
-"""The same U-Net in PyTorch, for the speed comparison in `unet_jax.benchmark`.
+"""The same U-Net in PyTorch, for the speed comparison in `benchmarks.train_speed`.
 
 Layer for layer the network of `unet_jax.models.UNet`: two 3x3 convolutions +
 ReLU per block, 2x2 max pooling, a 2x2 stride-2 `ConvTranspose2d` halving the

@@ -1,8 +1,8 @@
 r"""Speed of the train step, against the same U-Net in PyTorch on the same machine.
 
-    python -m unet_jax.benchmark --config=configs/carla.py --json=benchmark.json
-    python -m unet_jax.benchmark --config=configs/carla.py --peer=torch   # needs '.[peer]'
-    python -m unet_jax.benchmark --config=configs/synthetic.py --loop_steps=30
+    python -m benchmarks.train_speed --config=configs/carla.py --json=benchmark.json
+    python -m benchmarks.train_speed --config=configs/carla.py --peer=torch   # needs '.[peer]'
+    python -m benchmarks.train_speed --config=configs/synthetic.py --loop_steps=30
 
 Measures, for the config's model and batch size: compile time; the median
 time of the real jitted train step (`train.compile_train_step`) on random
@@ -13,15 +13,18 @@ step; XLA's own cost analysis beside them) over its time, next to float32
 and bfloat16 matrix-product peaks timed in turns with the step (so both see
 the same machine load).
 
-`--peer=torch` times `unet_jax.torch_peer` (the identical network, checked by
+`--peer=torch` times `benchmarks.torch_peer` (the identical network, checked by
 parameter count first; channels_last; and torch.compile unless
 `--notorch_compile`) with Adam and cross-entropy on the same batches,
 alternating with the JAX step `--rounds` times so that machine noise hits
-both, and reports the ratio. `--loop_steps` also runs the training loop's
-inner iteration on the config's data (input pipeline, metric sync and
-logging) and reports its images/s against the pure step's.
+both, and reports the ratio. `--loop_steps` also runs the training loop
+itself (`train.train_and_evaluate`) on the config's data and reports the
+images/s it logs against the pure step's.
+
+A tool, not part of the library: run it from the repository root.
 """
 
+import copy
 import json
 import math
 import os
@@ -44,6 +47,7 @@ import numpy as np
 from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import train
+from unet_jax import xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file (Python).',
@@ -193,7 +197,7 @@ def eval_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int) -> 
 def torch_contenders(config, host_batches, expected_parameters: int, compile_model: bool):
   """name -> step callable for the PyTorch peer (channels_last; compiled too)."""
   import torch  # pylint: disable=g-import-not-at-top  (optional extra)
-  from unet_jax import torch_peer  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(config.seed)
   # Where JAX runs on a GPU, so does the peer (cuDNN picking its fastest kernels).
@@ -241,77 +245,37 @@ def alternate(contenders: dict, rounds: int, steps: int, warmup: int) -> dict[st
   return times
 
 
-def loop_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int,
-                           workdir: str) -> tuple[float, float, dict[str, float]]:
-  """(loop, pure) images/s: the training loop's inner iteration on the
-  config's data, and the pure step on resident batches, timed in turns; and
-  the loop's host milliseconds per step in each part ('batch': the pipeline
-  handing over the next batch, 'step': dispatching the step, 'fetch': getting
-  the metrics, which includes waiting for the device to finish the queued
-  steps, 'write': logging them).
+def loop_images_per_second(config, jax_step: JaxTrainStep, steps: int,
+                           workdir: str) -> tuple[float, float]:
+  """(loop, pure) images/s: the training loop's own figure, and the pure step's.
 
-  The loop part is what `train.train_and_evaluate` does per step: take the
-  pipeline's next batch, run the step, keep the metrics, and at log steps
-  fetch them to the host and write them. Where the first two parts add up to
-  about the device's step time, the loop is bound by the host.
+  The loop figure is the one `train.train_and_evaluate` logs itself
+  (`images_per_second` in metrics.jsonl: the wall time between log steps,
+  which holds the pipeline handing over batches, dispatching the steps,
+  fetching the metrics and writing them), run on the config's data for about
+  `steps` steps after one log interval of warm-up (compilation), with no
+  evaluation in between. The pure figure is the same number of steps on
+  resident batches, dispatched the same way and waited for once at the end.
   """
-  from unet_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (needs data)
-
-  data = input_pipeline.create_datasets(config, mesh)['train']
-  writer = metric_logging.MetricWriter(workdir)
-  epoch_iterators = (data.train_batches(epoch) for epoch in range(sys.maxsize))
-  batches = iter(())
-
-  def next_batch():
-    nonlocal batches
-    for batch in batches:
-      return batch
-    batches = next(epoch_iterators)
-    return next(batches)
-
-  host_seconds = dict.fromkeys(('batch', 'step', 'fetch', 'write'), 0.0)
-
-  def run_loop(num_steps: int) -> float:
-    history = []
-    start = time.perf_counter()
-    for step in range(1, num_steps + 1):
-      t0 = time.perf_counter()
-      batch = next_batch()
-      t1 = time.perf_counter()
-      history.append(jax_step.dispatch(batch))
-      t2 = time.perf_counter()
-      host_seconds['batch'] += t1 - t0
-      host_seconds['step'] += t2 - t1
-      if step % config.log_every_steps == 0 or step == num_steps:
-        fetched = jax.device_get(history)
-        t3 = time.perf_counter()
-        writer.write(step, {'train_loss': np.mean([float(m['loss']) for m in fetched])})
-        history = []
-        host_seconds['fetch'] += t3 - t2
-        host_seconds['write'] += time.perf_counter() - t3
-    jax.block_until_ready(jax_step.state)
-    return num_steps * config.batch_size / (time.perf_counter() - start)
-
-  def run_pure(num_steps: int) -> float:
-    # Dispatched like the loop's steps and waited for once at the end, so the
-    # difference is the loop's own work (on a GPU, waiting for every step
-    # would cost more than the whole loop).
-    start = time.perf_counter()
-    for _ in range(num_steps):
-      jax_step.dispatch()
-    jax.block_until_ready(jax_step.state)
-    return num_steps * config.batch_size / (time.perf_counter() - start)
-
-  run_loop(2)  # warm-up: the pipeline's first batches and compilations
-  host_seconds.update(dict.fromkeys(host_seconds, 0.0))
-  half = max(1, steps // 2)
-  loop = [run_loop(half) for _ in range(2)]
-  pure = [run_pure(half) for _ in range(2)]
-  loop.append(run_loop(half))
-  pure.append(run_pure(half))
-  writer.close()
-  host_ms = {name: 1000 * value / (3 * half) for name, value in host_seconds.items()}
-  return statistics.median(loop), statistics.median(pure), host_ms
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.eval_every_epochs = 10**6
+    config.num_epochs = 10**6
+    config.checkpoint_every_steps = 10**9
+  log_every = config.log_every_steps
+  intervals = max(2, -(-steps // log_every))
+  train.train_and_evaluate(config, workdir, stop_at_step=log_every * (1 + intervals))
+  with open(os.path.join(workdir, metric_logging.METRICS_FILE)) as f:
+    rows = [json.loads(line) for line in f]
+  rates = [row['images_per_second'] for row in rows if 'images_per_second' in row][1:]
+  timed_steps = log_every * len(rates)
+  jax_step()  # warm
+  start = time.perf_counter()
+  for _ in range(timed_steps):
+    jax_step.dispatch()
+  jax.block_until_ready(jax_step.state)
+  pure = timed_steps * config.batch_size / (time.perf_counter() - start)
+  return statistics.median(rates), pure
 
 
 def machine_description() -> dict:
@@ -390,9 +354,8 @@ def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, r
   results['eval_images_per_second'] = eval_images_per_second(config, mesh, jax_step, eval_steps)
   if loop_steps:
     with tempfile.TemporaryDirectory() as workdir:
-      loop, pure, host_ms = loop_images_per_second(config, mesh, jax_step, loop_steps, workdir)
+      loop, pure = loop_images_per_second(config, jax_step, loop_steps, workdir)
     results['loop'] = {'loop_images_per_second': loop, 'pure_step_images_per_second': pure,
-                       'host_ms_per_step': host_ms,
                        'overhead_percent': 100 * (1 - loop / pure)}
   results['peak_host_memory_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   results['device_peak_memory_mb'] = device_peak_memory_mb()
@@ -436,8 +399,6 @@ def format_table(results: dict) -> str:
     rows.append(('training loop images/s', f"{loop['loop_images_per_second']:.2f} "
                  f"(pure step {loop['pure_step_images_per_second']:.2f}, "
                  f"overhead {loop['overhead_percent']:.1f}%)"))
-    rows.append(('loop host ms per step', ', '.join(
-        f'{name} {ms:.2f}' for name, ms in loop['host_ms_per_step'].items())))
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
 
@@ -448,6 +409,7 @@ def write_json(path: str, results: dict) -> None:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   results = run(FLAGS.config, peer=FLAGS.peer, torch_compile=FLAGS.torch_compile,
