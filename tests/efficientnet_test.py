@@ -129,7 +129,7 @@ def test_efficientnet_unet_parameter_count_and_output_size():
   classifier = 16 * 23 + 23
   assert decoder + classifier == 2_398_519
   assert _count(variables['params']) == 2_958_848 + 2_398_519 == 5_357_367
-  logits = jax.eval_shape(lambda: model.apply(variables, jnp.zeros((2, 96, 128, 3))))
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 96, 128, 3))), variables)
   assert logits.shape == (2, 96, 128, 23)
   assert models.label_size(_model_config(), (96, 128)) == (96, 128)
 
