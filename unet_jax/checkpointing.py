@@ -23,6 +23,9 @@ CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 # Below this much free space a run would fail at its first checkpoint, not now.
 MIN_FREE_BYTES = 256 * 2**20
+# Model fields that configs written before them lack, with the value they meant.
+ADDED_MODEL_FIELDS = {'encoder': 'unet', 'pretrained': False, 'frozen_encoder_batch_norm': False,
+                      'decoder_filters': (256, 128, 64, 32, 16)}
 
 
 class WorkdirError(ValueError):
@@ -100,8 +103,12 @@ def restore_or_keep(manager: ocp.CheckpointManager, state, config, workdir: str)
 
 
 def check_same_model(saved, config, workdir: str) -> None:
-  differences = [f'model.{key}: checkpoint {saved.model.get(key)!r}, config {value!r}'
-                 for key, value in config.model.items() if saved.model.get(key) != value]
+  differences = []
+  for key, value in config.model.items():
+    # Fields added since a workdir was written hold their defaults there.
+    before = saved.model.get(key, ADDED_MODEL_FIELDS.get(key))
+    if _plain(before) != _plain(value):
+      differences.append(f'model.{key}: checkpoint {before!r}, config {value!r}')
   if tuple(saved.data.image_size) != tuple(config.data.image_size):
     differences.append(f'data.image_size: checkpoint {tuple(saved.data.image_size)}, '
                        f'config {tuple(config.data.image_size)}')
@@ -109,6 +116,10 @@ def check_same_model(saved, config, workdir: str) -> None:
     raise WorkdirError(f'{workdir} holds checkpoints of a different model; nothing was '
                        f'changed. Use a new workdir or the same model settings. '
                        f'Differences: {"; ".join(differences)}')
+
+
+def _plain(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def save_config(workdir: str, config) -> None:
@@ -130,6 +141,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'{path} is not valid JSON: {error}') from error
   config = ml_collections.ConfigDict(values)
   config.data.image_size = tuple(config.data.image_size)
+  if 'decoder_filters' in config.model:
+    config.model.decoder_filters = tuple(config.model.decoder_filters)
   return config
 
 

@@ -36,9 +36,25 @@ def check_config(config, num_devices: int) -> None:
           f"model.dtype must be 'float32', 'bfloat16' or 'float16', got {config.model.dtype!r}")
   require(config.eval_split in ('validation', 'test', 'train'),
           f"eval_split must be 'validation', 'test' or 'train', got {config.eval_split!r}")
-  if config.model.depth >= 1:
+  encoder = config.model.get('encoder', 'unet')
+  require(encoder in models.ENCODERS,
+          f'model.encoder must be one of {models.ENCODERS}, got {encoder!r}')
+  multiplier = config.get('encoder_learning_rate_multiplier', 1.0)
+  require(multiplier >= 0, f'encoder_learning_rate_multiplier must be >= 0, got {multiplier}')
+  if encoder == 'efficientnet_lite0':
+    require(config.model.padding == 'SAME',
+            f"model.padding must be 'SAME' with encoder {encoder}, got {config.model.padding!r}")
+    filters = tuple(config.model.decoder_filters)
+    require(len(filters) == 5 and all(n >= 1 for n in filters),
+            f'model.decoder_filters must be 5 positive widths, got {filters}')
+  elif encoder == 'unet':
+    require(not config.model.get('pretrained', False),
+            "model.pretrained needs model.encoder='efficientnet_lite0'")
+    require(multiplier == 1.0, "encoder_learning_rate_multiplier needs "
+            "model.encoder='efficientnet_lite0'")
+  if config.model.depth >= 1 and encoder in models.ENCODERS:
     try:
-      models.check_input_size(config.data.image_size, config.model.depth, config.model.padding)
+      models.label_size(config.model, config.data.image_size)
     except ValueError as error:
       problems.append(f'data.image_size: {error}')
   if problems:

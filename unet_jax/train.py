@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import metrics as metrics_lib
 from unet_jax import models
+from unet_jax import pretrained
 
 
 class TrainState(train_state.TrainState):
@@ -75,6 +77,26 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  """The config's optimizer; with `encoder_learning_rate_multiplier` != 1 the
+  parameters under 'encoder' get their own copy at the scaled learning rate
+  (optax.multi_transform), after clipping the global norm over all of them."""
+  multiplier = config.get('encoder_learning_rate_multiplier', 1.0)
+  if multiplier == 1.0:
+    optimizer = _base_optimizer(config, learning_rate_fn)
+  else:
+    encoder_rate = lambda step: multiplier * learning_rate_fn(step)
+    optimizer = optax.multi_transform(
+        {'encoder': _base_optimizer(config, encoder_rate),
+         'decoder': _base_optimizer(config, learning_rate_fn)},
+        lambda params: {name: jax.tree.map(lambda _: 'encoder' if name == 'encoder'
+                                           else 'decoder', subtree)
+                        for name, subtree in params.items()})
+  if config.grad_clip_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def _base_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.optimizer == 'adam':
     optimizer = optax.adam(learning_rate_fn)
     if config.weight_decay:
@@ -86,8 +108,6 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
                             optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=True))
   else:
     raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}")
-  if config.grad_clip_norm:
-    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
 
 
@@ -140,19 +160,37 @@ def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, cla
 # State and steps.
 
 
-def create_train_state(config, model: models.UNet, learning_rate_fn, key) -> TrainState:
-  """Fresh parameters and optimizer state (on the default device)."""
-  height, width = config.data.image_size
-  variables = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+def create_train_state(config, model: nn.Module, learning_rate_fn, key,
+                       variables: dict | None = None) -> TrainState:
+  """Fresh parameters (or `variables`) and optimizer state (on the default device)."""
+  if variables is None:
+    height, width = config.data.image_size
+    variables = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            tx=create_optimizer(config, learning_rate_fn),
                            batch_stats=variables.get('batch_stats'))
 
 
 def create_replicated_train_state(config, model, learning_rate_fn, key, mesh) -> TrainState:
-  """The fresh state, created directly with its replicated sharding on `mesh`."""
-  create = functools.partial(create_train_state, config, model, learning_rate_fn)
-  return jax.jit(create, out_shardings=replicated(mesh))(key)
+  """The fresh state, created directly with its replicated sharding on `mesh`.
+
+  With `model.pretrained` the encoder's variables are the ImageNet weights
+  (`unet_jax.pretrained`), read here on the host and placed on every device
+  before the optimizer state is made from them.
+  """
+  if not config.model.get('pretrained', False):
+    create = functools.partial(create_train_state, config, model, learning_rate_fn)
+    return jax.jit(create, out_shardings=replicated(mesh))(key)
+  height, width = config.data.image_size
+  init = lambda key: model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+  variables = jax.jit(init, out_shardings=replicated(mesh))(key)
+  weights = pretrained.load_encoder_variables()
+  # make_array_from_callback: every process places its own part of the replicated array.
+  weights = jax.tree.map(lambda x: jax.make_array_from_callback(
+      x.shape, replicated(mesh), lambda index: x[index]), weights)
+  variables = pretrained.merge_encoder(variables, weights, source=str(pretrained.weights_path()))
+  create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
+  return jax.jit(lambda v: create(variables=v), out_shardings=replicated(mesh))(variables)
 
 
 def initial_keys(seed: int):
