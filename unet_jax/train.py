@@ -171,14 +171,15 @@ def create_train_state(config, model: nn.Module, learning_rate_fn, key,
                            batch_stats=variables.get('batch_stats'))
 
 
-def create_replicated_train_state(config, model, learning_rate_fn, key, mesh) -> TrainState:
+def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
+                                  load_pretrained: bool = True) -> TrainState:
   """The fresh state, created directly with its replicated sharding on `mesh`.
 
-  With `model.pretrained` the encoder's variables are the ImageNet weights
-  (`unet_jax.pretrained`), read here on the host and placed on every device
-  before the optimizer state is made from them.
+  With `model.pretrained` (and `load_pretrained`) the encoder's variables are
+  the ImageNet weights (`unet_jax.pretrained`), read here on the host and
+  placed on every device before the optimizer state is made from them.
   """
-  if not config.model.get('pretrained', False):
+  if not (load_pretrained and config.model.get('pretrained', False)):
     create = functools.partial(create_train_state, config, model, learning_rate_fn)
     return jax.jit(create, out_shardings=replicated(mesh))(key)
   height, width = config.data.image_size
@@ -392,9 +393,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models.unet_from_config(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_key, _ = initial_keys(config.seed)
-  state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh)
-
   checkpoints = checkpointing.create_manager(workdir, config)
+  # A resumed run takes every array from its checkpoint: no pretrained weights to read.
+  state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh,
+                                        load_pretrained=checkpoints.latest_step() is None)
   state = checkpointing.restore_or_keep(checkpoints, state, config, workdir)
   checkpointing.save_config(workdir, config)
   start_step = int(state.step)
