@@ -139,10 +139,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     values = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise WorkdirError(f'{path} is not valid JSON: {error}') from error
+  if 'decoder_filters' in values.get('model', {}):  # JSON lists back to the config's tuples
+    values['model']['decoder_filters'] = tuple(values['model']['decoder_filters'])
   config = ml_collections.ConfigDict(values)
   config.data.image_size = tuple(config.data.image_size)
-  if 'decoder_filters' in config.model:
-    config.model.decoder_filters = tuple(config.model.decoder_filters)
   return config
 
 
