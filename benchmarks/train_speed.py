@@ -93,7 +93,7 @@ def random_batches(config, count: int, seed: int = 0) -> list[dict]:
   """Host batches of uniform images and uniformly drawn labels, all valid."""
   rng = np.random.default_rng(seed)
   height, width = config.data.image_size
-  label_size = models.output_size((height, width), config.model.depth, config.model.padding)
+  label_size = models.label_size(config.model, (height, width))
   size = config.batch_size
   return [{'image': rng.random((size, height, width, 3), np.float32),
            'label': rng.integers(0, config.model.num_classes, (size, *label_size), np.int32),

@@ -1,6 +1,7 @@
 """Every config in configs/ loads, builds its model and trains at a tiny size."""
 
 import importlib
+import importlib.util
 import pathlib
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from unet_jax import config_checks
 from unet_jax import models
+from unet_jax import pretrained
 from unet_jax import train
 
 CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
@@ -20,7 +22,7 @@ def _load(name, arg=None):
 
 
 def test_the_expected_configs_exist():
-  assert {'carla', 'carla_lab', 'unet_paper', 'synthetic'} <= set(CONFIG_NAMES)
+  assert {'carla', 'carla_lab', 'carla_pretrained', 'unet_paper', 'synthetic'} <= set(CONFIG_NAMES)
 
 
 def test_unet_paper_is_the_papers_network():
@@ -39,8 +41,8 @@ def test_unet_paper_is_the_papers_network():
 def test_config_is_valid_and_its_model_accepts_its_image_size(name):
   config = _load(name)
   config_checks.check_config(config, num_devices=1)
-  model = models.unet_from_config(config.model)
-  size = models.output_size(config.data.image_size, model.depth, model.padding)
+  models.unet_from_config(config.model)
+  size = models.label_size(config.model, config.data.image_size)
   assert all(n > 0 for n in size)
 
 
@@ -48,9 +50,15 @@ def test_config_is_valid_and_its_model_accepts_its_image_size(name):
 def test_config_trains_at_a_tiny_size(name):
   config = _load(name)
   config.model.base_filters = 2
+  config.model.decoder_filters = (2, 2, 2, 2, 2)
   config.batch_size = 2
-  config.data.image_size = models.smallest_input_for_output(
-      (1, 1), config.model.depth, config.model.padding)
+  if config.model.encoder == 'unet':
+    config.data.image_size = models.smallest_input_for_output(
+        (1, 1), config.model.depth, config.model.padding)
+  else:
+    config.data.image_size = (32, 32)
+    if config.model.pretrained and importlib.util.find_spec(pretrained.PACKAGE) is None:
+      config.model.pretrained = False  # the weights package is an extra
   mesh = train.create_mesh()
   model = models.unet_from_config(config.model)
   learning_rate_fn = train.create_learning_rate_fn(config, 10)
@@ -58,7 +66,7 @@ def test_config_trains_at_a_tiny_size(name):
                                               train.initial_keys(0)[0], mesh)
   step = train.compile_train_step(config, mesh, learning_rate_fn, class_weights=None)
   height, width = config.data.image_size
-  label_size = models.output_size((height, width), config.model.depth, config.model.padding)
+  label_size = models.label_size(config.model, (height, width))
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((2, height, width, 3), np.float32),
            'label': rng.integers(0, config.model.num_classes, (2, *label_size)).astype(np.int32),

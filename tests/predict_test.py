@@ -48,7 +48,7 @@ def test_tiles_put_back_together_give_the_image(padding, size):
   """A stand-in model that returns the centre of its input channel 0 (what the U-Net
   predicts a pixel from): assembled tiles must give back the image exactly."""
   in_size = (44, 44) if padding == 'VALID' else (32, 48)
-  plan = predict.plan_tiles(size, in_size, depth=2, padding=padding)
+  plan = predict.plan_tiles(size, in_size, models.output_size(in_size, 2, padding))
   image = np.random.default_rng(0).random((*size, 3)).astype(np.float32)
   tiles = predict.cut_tiles(image, plan)
   assert tiles.shape == (plan.num_tiles, *in_size, 3)
@@ -57,10 +57,10 @@ def test_tiles_put_back_together_give_the_image(padding, size):
 
 
 def test_valid_tiles_abut_and_same_tiles_overlap_by_half():
-  valid = predict.plan_tiles((100, 100), (44, 44), depth=2, padding='VALID')
+  valid = predict.plan_tiles((100, 100), (44, 44), models.output_size((44, 44), 2, 'VALID'))
   assert valid.out_size == (4, 4) and valid.border == (20, 20)
   np.testing.assert_array_equal(np.diff(valid.starts_y), 4)
-  same = predict.plan_tiles((100, 100), (32, 32), depth=2, padding='SAME')
+  same = predict.plan_tiles((100, 100), (32, 32), (32, 32))
   assert same.border == (0, 0)
   assert np.all(np.diff(same.starts_y) <= 16) and same.starts_y[-1] == 100 - 32
 

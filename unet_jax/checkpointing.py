@@ -37,6 +37,9 @@ CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'unreadable_checkpoints'
 # Below this much free space a run would fail at its first checkpoint, not now.
 MIN_FREE_BYTES = 256 * 2**20
+# Model fields that configs written before them lack, with the value they meant.
+ADDED_MODEL_FIELDS = {'encoder': 'unet', 'pretrained': False, 'frozen_encoder_batch_norm': False,
+                      'decoder_filters': (256, 128, 64, 32, 16)}
 
 
 class WorkdirError(errors.UserError, ValueError):
@@ -234,8 +237,12 @@ def check_resumable(workdir: str, config) -> None:
 
 
 def check_same_model(saved, config, workdir: str) -> None:
-  differences = [f'model.{key}: checkpoint {saved.model.get(key)!r}, config {value!r}'
-                 for key, value in config.model.items() if saved.model.get(key) != value]
+  differences = []
+  for key, value in config.model.items():
+    # Fields added since a workdir was written hold their defaults there.
+    before = saved.model.get(key, ADDED_MODEL_FIELDS.get(key))
+    if _plain(before) != _plain(value):
+      differences.append(f'model.{key}: checkpoint {before!r}, config {value!r}')
   if tuple(saved.data.image_size) != tuple(config.data.image_size):
     differences.append(f'data.image_size: checkpoint {tuple(saved.data.image_size)}, '
                        f'config {tuple(config.data.image_size)}')
@@ -243,6 +250,10 @@ def check_same_model(saved, config, workdir: str) -> None:
     raise WorkdirError(f'{workdir} holds checkpoints of a different model; nothing was '
                        f'changed. Use a new workdir or the same model settings. '
                        f'Differences: {"; ".join(differences)}')
+
+
+def _plain(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def save_config(workdir: str, config) -> None:
@@ -267,6 +278,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not (isinstance(values, dict) and isinstance(values.get('model'), dict)
           and isinstance(values.get('data'), dict) and 'image_size' in values['data']):
     raise WorkdirError(f'{path} is not a training config (no model and data.image_size)')
+  if 'decoder_filters' in values['model']:  # JSON lists back to the config's tuples
+    values['model']['decoder_filters'] = tuple(values['model']['decoder_filters'])
   config = ml_collections.ConfigDict(values)
   config.data.image_size = tuple(config.data.image_size)
   return config

@@ -103,6 +103,11 @@ RULES: dict[str, Rule] = {
     'model.upconv_kernel_size': one_of(2, 3),
     'model.head_filters': integer(0),
     'model.dtype': one_of('float32', 'bfloat16', 'float16'),
+    'model.encoder': one_of(*models.ENCODERS),
+    'model.pretrained': boolean(),
+    'model.decoder_filters': (lambda v: isinstance(v, (tuple, list)) and len(v) == 5 and
+                              all(_is_int(n) and n >= 1 for n in v), '5 positive integer widths'),
+    'model.frozen_encoder_batch_norm': boolean(),
     # ---- data ----
     'data.data_dir': string(),
     'data.synthetic_scenes': integer(0),
@@ -139,6 +144,7 @@ RULES: dict[str, Rule] = {
     'class_weighting': one_of('none', 'inverse', 'median'),
     'class_weight_max': number(0, low_open=True),
     'lovasz_weight': number(0),
+    'encoder_learning_rate_multiplier': number(0),
     # ---- loop ----
     'log_every_steps': integer(1),
     'eval_every_epochs': integer(1),
@@ -199,16 +205,25 @@ def check_config(config, num_devices: int) -> None:
   if not bad & {'model.upconv_kernel_size', 'model.padding'}:
     require(config.model.upconv_kernel_size == 2 or config.model.padding == 'SAME',
             'model.upconv_kernel_size=3 needs model.padding=\'SAME\'')
-  if not bad & {'data.image_size', 'model.depth', 'model.padding'}:
+  encoder = config.model.encoder
+  if encoder == 'efficientnet_lite0':
+    require(config.model.padding == 'SAME',
+            f"model.padding must be 'SAME' with encoder {encoder}, got {config.model.padding!r}")
+  elif encoder == 'unet':
+    require(not config.model.pretrained,
+            "model.pretrained needs model.encoder='efficientnet_lite0'")
+    require(config.encoder_learning_rate_multiplier == 1.0,
+            "encoder_learning_rate_multiplier needs model.encoder='efficientnet_lite0'")
+  if not bad & {'data.image_size', 'model.depth', 'model.padding', 'model.encoder',
+                'model.decoder_filters'}:
     try:
-      models.check_input_size(config.data.image_size, config.model.depth, config.model.padding)
+      models.label_size(config.model, config.data.image_size)
     except ValueError as error:
       problems.append(f'data.image_size: {error}')
   if config.data.train_crop_size and not bad & {'data.train_crop_size', 'model.depth',
-                                                'model.padding'}:
+                                                'model.padding', 'model.encoder'}:
     try:
-      models.check_input_size(config.data.train_crop_size, config.model.depth,
-                              config.model.padding)
+      models.label_size(config.model, config.data.train_crop_size)
     except ValueError as error:
       problems.append(f'data.train_crop_size: {error}')
   if problems:

@@ -40,6 +40,7 @@ from unet_jax import classes
 from unet_jax import cli
 from unet_jax import console
 from unet_jax import errors
+from unet_jax import efficientnet
 from unet_jax import models
 from unet_jax import xla_flags
 
@@ -61,8 +62,11 @@ def restore(workdir: str, checkpoint: str):
 # What the exported function takes.
 
 
-def size_rule(depth: int, padding: str) -> tuple[int, int]:
+def size_rule(model_config) -> tuple[int, int]:
   """(scale, offset): the valid input lengths are scale*k + offset for k >= 1."""
+  if models.encoder_name(model_config) == 'efficientnet_lite0':
+    return efficientnet.STRIDE, 0
+  depth, padding = model_config.depth, model_config.padding
   scale = 2**depth
   smallest = models.smallest_input_for_output((1,), depth, padding)[0]
   return scale, smallest - scale
@@ -72,7 +76,7 @@ def input_shape(model_config, image_size, *, dynamic_size: bool) -> list[str]:
   """`jax.export` dimension expressions of the NHWC input."""
   if not dynamic_size:
     return ['b', str(image_size[0]), str(image_size[1]), '3']
-  scale, offset = size_rule(model_config.depth, model_config.padding)
+  scale, offset = size_rule(model_config)
   side = lambda var: f'{scale}*{var}' + (f' + {offset}' if offset else '')
   return ['b', side('h'), side('w'), '3']
 
@@ -139,7 +143,7 @@ def describe(config, step: int, workdir: str) -> dict:
   """What a consumer needs besides the file (its hash and shapes are added on export)."""
   num_classes = int(config.model.num_classes)
   palette = classes.PALETTE
-  scale, offset = size_rule(config.model.depth, config.model.padding)
+  scale, offset = size_rule(config.model)
   return {
       'metadata_version': METADATA_VERSION,
       'checkpoint_step': int(step),

