@@ -276,6 +276,16 @@ class EfficientNetUNet(nn.Module):
   frozen_encoder_batch_norm: bool = False
   dtype: Dtype = jnp.float32
 
+  # The size rule in UNet's terms (sides multiples of 2**depth, SAME), for
+  # code that rounds sizes for either network (test-time augmentation).
+  @property
+  def depth(self) -> int:
+    return 5
+
+  @property
+  def padding(self) -> str:
+    return 'SAME'
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     if len(self.decoder_filters) != 5:
