@@ -44,8 +44,10 @@ from jaxlib import version as jaxlib_version
 from ml_collections import config_flags
 import numpy as np
 
+from unet_jax import evaluation
 from unet_jax import metric_logging
 from unet_jax import models
+from unet_jax import sharding
 from unet_jax import train
 from unet_jax import xla_flags
 
@@ -113,8 +115,8 @@ class JaxTrainStep:
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     self.state = train.create_replicated_train_state(config, model, learning_rate_fn,
                                                      init_key, mesh)
-    self.dropout_key = jax.device_put(dropout_key, train.replicated(mesh))
-    self.batches = [jax.device_put(b, train.data_sharded(mesh)) for b in host_batches]
+    self.dropout_key = jax.device_put(dropout_key, sharding.replicated(mesh))
+    self.batches = [jax.device_put(b, sharding.data_sharded(mesh)) for b in host_batches]
     step = train.compile_train_step(config, mesh, learning_rate_fn, class_weights=None)
     start = time.perf_counter()
     lowered = step.lower(self.state, self.batches[0], self.dropout_key)
@@ -185,7 +187,7 @@ def _cost(stage) -> dict:
 
 
 def eval_images_per_second(config, mesh, jax_step: JaxTrainStep, steps: int) -> float:
-  eval_step = train.compile_eval_step(config, mesh, jax_step.model)
+  eval_step = evaluation.compile_eval_step(config, mesh, jax_step.model)
   variables = train.model_variables(jax_step.state)
   batches = jax_step.batches
   jax.block_until_ready(eval_step(variables, batches[0]))
@@ -306,7 +308,7 @@ def run(config, *, peer: str = '', torch_compile: bool = True, steps: int = 3, r
         warmup: int = 2, eval_steps: int = 5, loop_steps: int = 0,
         matmul_size: int = 0) -> dict:
   """All measurements for `config`; returns the results as a JSON-able dict."""
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   host_batches = random_batches(config, NUM_RANDOM_BATCHES, seed=config.seed)
   jax_step = JaxTrainStep(config, mesh, host_batches)
   results = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from unet_jax import models
-from unet_jax import train
+from unet_jax import sharding
 
 
 
@@ -69,7 +69,7 @@ def test_benchmark_counts_the_flops_of_the_convolutions():
   config.model.use_batch_norm = False
   config.model.dropout_rate = 0.0
   config.data.image_size = (32, 64)
-  step = benchmark.JaxTrainStep(config, train.create_mesh(),
+  step = benchmark.JaxTrainStep(config, sharding.create_mesh(),
                                 benchmark.random_batches(config, 1))
   forward = _forward_convolution_flops(config)
   first_convolution = 2.0 * config.batch_size * 32 * 64 * 9 * 3 * config.model.base_filters

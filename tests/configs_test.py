@@ -11,6 +11,7 @@ import pytest
 from unet_jax import config_checks
 from unet_jax import models
 from unet_jax import pretrained
+from unet_jax import sharding
 from unet_jax import train
 
 CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
@@ -59,7 +60,7 @@ def test_config_trains_at_a_tiny_size(name):
     config.data.image_size = (32, 32)
     if config.model.pretrained and importlib.util.find_spec(pretrained.PACKAGE) is None:
       config.model.pretrained = False  # the weights package is an extra
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model = models.unet_from_config(config.model)
   learning_rate_fn = train.create_learning_rate_fn(config, 10)
   state = train.create_replicated_train_state(config, model, learning_rate_fn,

@@ -49,7 +49,7 @@ def _output(process):
 
 
 def _params(workdir):
-  _, variables, step = train.restore_variables(str(workdir), 'latest')
+  _, variables, step = checkpointing.restore_model(str(workdir), 'latest')
   return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
 
 

@@ -27,7 +27,6 @@ import pytest
 from conftest import REPO
 from unet_jax import checkpointing
 from unet_jax import distributed
-from unet_jax import train
 
 RUN_TIMEOUT_S = 300
 NUM_EPOCHS = 2
@@ -109,7 +108,7 @@ def _metric_lines(workdir) -> list[dict]:
 
 
 def _restored_params(workdir) -> tuple[int, np.ndarray]:
-  _, variables, step = train.restore_variables(str(workdir), 'latest')
+  _, variables, step = checkpointing.restore_model(str(workdir), 'latest')
   return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
 
 

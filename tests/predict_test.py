@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unet_jax import carla_files
-from unet_jax import train
+from unet_jax import checkpointing
 from unet_jax import input_pipeline
 from unet_jax import models
 from unet_jax import predict
@@ -86,7 +86,7 @@ def test_raw_masks_read_back_as_exactly_the_predicted_indices(trained, tmp_path)
   assert run.written == [inputs / 'frame.png'] and not run.failed
 
   # The same prediction computed directly: training's resize, the model, nearest back.
-  config, variables, _ = train.restore_variables(str(trained['workdir']), 'latest')
+  config, variables, _ = checkpointing.restore_model(str(trained['workdir']), 'latest')
   resized, _ = input_pipeline.resize_pair(image, np.zeros((45, 61), np.uint8),
                                           config.data.image_size)
   logits = models.unet_from_config(config.model).apply(

@@ -16,8 +16,10 @@ import pytest
 
 from conftest import tiny_config
 import legacy_torch_file
+from unet_jax import checkpointing
 from unet_jax import efficientnet
 from unet_jax import pretrained
+from unet_jax import sharding
 from unet_jax import torch_weights
 from unet_jax import train
 
@@ -157,7 +159,7 @@ def test_pretrained_run_starts_from_the_weights_and_resumes_exactly(
   expected = pretrained.load_encoder_variables(path)
   state = train.create_replicated_train_state(
       config, train.models.unet_from_config(config.model),
-      train.create_learning_rate_fn(config, 4), train.initial_keys(0)[0], train.create_mesh())
+      train.create_learning_rate_fn(config, 4), train.initial_keys(0)[0], sharding.create_mesh())
   np.testing.assert_array_equal(_flat(state.params['encoder']), _flat(expected['params']))
   np.testing.assert_array_equal(_flat(state.batch_stats['encoder']),
                                 _flat(expected['batch_stats']))
@@ -174,8 +176,8 @@ def test_pretrained_run_starts_from_the_weights_and_resumes_exactly(
   monkeypatch.setattr(pretrained, 'weights_path', unreadable)
   monkeypatch.setattr(pretrained, 'load_encoder_variables', lambda *a, **k: unreadable())
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  _, straight, step_a = train.restore_variables(str(tmp_path / 'straight'), 'latest')
-  _, resumed, step_b = train.restore_variables(str(tmp_path / 'resumed'), 'latest')
+  _, straight, step_a = checkpointing.restore_model(str(tmp_path / 'straight'), 'latest')
+  _, resumed, step_b = checkpointing.restore_model(str(tmp_path / 'resumed'), 'latest')
   assert step_a == step_b
   np.testing.assert_allclose(_flat(resumed), _flat(straight), rtol=0, atol=1e-6)
   # Training moved the encoder away from the weights.

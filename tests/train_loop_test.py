@@ -16,7 +16,7 @@ from unet_jax import train
 
 
 def _params(workdir, checkpoint='latest'):
-  _, variables, step = train.restore_variables(str(workdir), checkpoint)
+  _, variables, step = checkpointing.restore_model(str(workdir), checkpoint)
   return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from configs import carla
+from unet_jax import evaluation
 from unet_jax import losses
 from unet_jax import models
+from unet_jax import sharding
 from unet_jax import train
 
 
@@ -43,7 +45,7 @@ def test_learning_rate_schedule_warmup_then_cosine():
 
 
 def _setup(config):
-  mesh = train.create_mesh()
+  mesh = sharding.create_mesh()
   model = models.unet_from_config(config.model)
   lr = train.create_learning_rate_fn(config, 10)
   state = train.create_replicated_train_state(config, model, lr, train.initial_keys(0)[0], mesh)
@@ -81,7 +83,7 @@ def test_mixed_precision_keeps_float32_state():
 def test_eval_step_confusion_counts_only_valid_examples():
   config = _tiny_config()
   mesh, model, state, _ = _setup(config)
-  eval_step = train.compile_eval_step(config, mesh, model)
+  eval_step = evaluation.compile_eval_step(config, mesh, model)
   batch = _batch(config)
   batch['valid'] = jnp.array([True, True, False, False])
   confusion, _, weight = eval_step(train.model_variables(state), batch)

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from unet_jax import carla_files
+from unet_jax import checkpointing
 from unet_jax import evaluate
+from unet_jax import evaluation
 from unet_jax import models
 from unet_jax import predict
-from unet_jax import train
+from unet_jax import sharding
 from unet_jax import tta
 
 import trained_workdir
@@ -82,10 +84,10 @@ def test_view_sizes_and_bad_scales():
 def test_identity_tta_evaluation_equals_the_plain_eval_step(trained):
   summary, _ = evaluate.evaluate_workdir(str(trained['workdir']), 'validation', 'latest',
                                          num_images=0, tta_flip=False, tta_scales=['1.0'])
-  mesh = train.create_mesh()
-  config, variables, _ = train.restore_variables(str(trained['workdir']), 'latest')
+  mesh = sharding.create_mesh()
+  config, variables, _ = checkpointing.restore_model(str(trained['workdir']), 'latest')
   data, _ = evaluate.load_split(config, mesh, 'validation', None, str(trained['workdir']))
-  plain = train.evaluate(train.compile_eval_step(config, mesh, models.unet_from_config(
+  plain = evaluation.evaluate(evaluation.compile_eval_step(config, mesh, models.unet_from_config(
       config.model)), variables, data)
   np.testing.assert_array_equal(summary['confusion_matrix'], plain['confusion_matrix'])
   flipped, _ = evaluate.evaluate_workdir(str(trained['workdir']), 'validation', 'latest',
@@ -101,7 +103,7 @@ def test_predict_with_flip_writes_the_averaged_prediction(trained, tmp_path):
   run = predict.predict_files(str(trained['workdir']), str(inputs), str(tmp_path / 'out'),
                               checkpoint='latest', tta_flip=True)
   assert not run.failed
-  config, variables, _ = train.restore_variables(str(trained['workdir']), 'latest')
+  config, variables, _ = checkpointing.restore_model(str(trained['workdir']), 'latest')
   model = models.unet_from_config(config.model)
   x = predict.model_input(image, 'resize', tuple(config.data.image_size))[None]
   average = (_probabilities(model.apply(variables, x))

@@ -41,12 +41,6 @@ class NonFiniteLossError(errors.UserError, RuntimeError):
   """The loss or the state (parameters, statistics, optimizer moments) became inf or NaN."""
 
 
-# The mesh helpers live in `unet_jax.sharding`; these names stay for callers.
-create_mesh = sharding.create_mesh
-replicated = sharding.replicated
-data_sharded = sharding.data_sharded
-
-
 # --------------------------------------------------------------------------
 # Optimizer.
 
@@ -127,17 +121,17 @@ def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
   """
   if not (load_pretrained and config.model.get('pretrained', False)):
     create = functools.partial(create_train_state, config, model, learning_rate_fn)
-    return jax.jit(create, out_shardings=replicated(mesh))(key)
+    return jax.jit(create, out_shardings=sharding.replicated(mesh))(key)
   height, width = config.data.image_size
   init = lambda key: model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
-  variables = jax.jit(init, out_shardings=replicated(mesh))(key)
+  variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
   weights = pretrained.load_encoder_variables()
   # make_array_from_callback: every process places its own part of the replicated array.
   weights = jax.tree.map(lambda x: jax.make_array_from_callback(
-      x.shape, replicated(mesh), lambda index: x[index]), weights)
+      x.shape, sharding.replicated(mesh), lambda index: x[index]), weights)
   variables = pretrained.merge_encoder(variables, weights, source=str(pretrained.weights_path()))
   create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
-  return jax.jit(lambda v: create(variables=v), out_shardings=replicated(mesh))(variables)
+  return jax.jit(lambda v: create(variables=v), out_shardings=sharding.replicated(mesh))(variables)
 
 
 def initial_keys(seed: int):
@@ -225,16 +219,10 @@ def compile_train_step(config, mesh, learning_rate_fn, class_weights):
   step = functools.partial(checked_train_step, ignore_label=config.ignore_label,
                            class_weights=class_weights, learning_rate_fn=learning_rate_fn,
                            lovasz_weight=float(config.lovasz_weight))
-  return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh), replicated(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+  return jax.jit(step, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh), sharding.replicated(mesh)),
+                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)), donate_argnums=0)
 
 
-# Evaluation and restoring live on the inference side; the old names stay.
-eval_step = evaluation.eval_step
-compile_eval_step = evaluation.compile_eval_step
-evaluate = evaluation.evaluate
-# Inference restores through `checkpointing.restore_model`; the old name stays.
-restore_variables = checkpointing.restore_model
 
 
 # --------------------------------------------------------------------------
@@ -290,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_checks.check_config(config, num_devices=jax.device_count())
   checkpointing.check_workdir(workdir)
   checkpointing.check_resumable(workdir, config)
-  mesh = create_mesh()
+  mesh = sharding.create_mesh()
   datasets = input_pipeline.create_datasets(config, mesh)
   train_data = datasets['train']
   eval_data = datasets[config.eval_split]
@@ -314,9 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   class_weights = losses.class_weights_from_counts(
       train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
   p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
-  p_eval_step = compile_eval_step(config, mesh, model)
+  p_eval_step = evaluation.compile_eval_step(config, mesh, model)
   # Made under jit: device_put cannot place a host value on other processes' devices.
-  dropout_key = jax.jit(lambda: initial_keys(config.seed)[1], out_shardings=replicated(mesh))()
+  dropout_key = jax.jit(lambda: initial_keys(config.seed)[1], out_shardings=sharding.replicated(mesh))()
 
   writer = metric_logging.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                        resume_step=start_step)
@@ -361,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         end_of_epoch = epoch + 1
         if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
-          last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
+          last_eval = evaluation.evaluate(p_eval_step, model_variables(state), eval_data)
           writer.write(step, {**_eval_scalars(config.eval_split, last_eval),
                               'epoch': end_of_epoch}, echo=False)
           checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
@@ -369,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
 
     if not last_eval:  # a finished run started again: nothing trained, report only
-      last_eval = evaluate(p_eval_step, model_variables(state), eval_data)
+      last_eval = evaluation.evaluate(p_eval_step, model_variables(state), eval_data)
     checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
   finally:
     # Whatever ends the run, the checkpoints already started are completed.
