@@ -54,3 +54,15 @@ def test_a_tiny_training_run_prints_under_40_lines_and_logs_everything(synthetic
   log = (tmp_path / 'run' / 'train.log').read_text()
   assert 'orbax' in log.lower() and 'Config:' in log  # nothing is lost
   assert xla_flags.CPU_FLAGS[0] in log  # the entry point applied the default XLA flags
+
+
+def test_console_scripts_name_each_command():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  scripts = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['scripts']
+  assert set(scripts) == {'unet-jax-train', 'unet-jax-evaluate', 'unet-jax-predict',
+                          'unet-jax-export', 'unet-jax-synthetic'}
+  for target in scripts.values():
+    module, _, function = target.partition(':')
+    entry = importlib.import_module(module)
+    assert callable(getattr(entry, function)) and callable(entry.define_flags), target

@@ -272,6 +272,11 @@ def main(argv):
         f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console script `unet-jax-evaluate`."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

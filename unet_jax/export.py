@@ -240,6 +240,11 @@ def main(argv):
         f'{path.parent / METADATA_FILE}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console script `unet-jax-export`."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -24,14 +24,19 @@ from unet_jax import train
 from unet_jax import xla_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for the config, checkpoints and logs.')
-config_flags.DEFINE_config_file('config', None, 'Training config file (Python).',
-                                lock_config=True)
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0 for multi-process runs (or JAX_COORDINATOR_ADDRESS).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (or JAX_NUM_PROCESSES).')
-flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so importing never clashes."""
+  flags.DEFINE_string('workdir', None, 'Directory for the config, checkpoints and logs.')
+  config_flags.DEFINE_config_file('config', None, 'Training config file (Python).',
+                                  lock_config=True)
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for multi-process '
+                      'runs (or JAX_COORDINATOR_ADDRESS).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (or JAX_NUM_PROCESSES).')
+  flags.DEFINE_integer('process_id', None,
+                       'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 LOG_FILE = 'train.log'
 
@@ -68,5 +73,11 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console script `unet-jax-train`."""
+  define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

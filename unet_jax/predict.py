@@ -386,6 +386,11 @@ def main(argv):
     raise SystemExit(1)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console script `unet-jax-predict`."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

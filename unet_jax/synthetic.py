@@ -492,12 +492,22 @@ def main(argv: Sequence[str]) -> None:
   print(f'wrote {len(names)} scenes to {f.output}')
 
 
-if __name__ == '__main__':
-  # Defined here, not at import: the library is imported by programs with flags of their own.
+def define_flags() -> None:
+  """The command's flags, defined only when it runs: the library is imported by
+  programs with flags of their own."""
   flags.DEFINE_string('output', None, 'Folder to write CameraRGB/ and CameraMask/ into.')
   flags.DEFINE_integer('num_scenes', 500, 'Number of scenes.')
   flags.DEFINE_integer('seed', 0, 'Random seed; the same seed writes the same files.')
   flags.DEFINE_integer('height', 480, 'Image height in pixels.')
   flags.DEFINE_integer('width', 640, 'Image width in pixels.')
   flags.mark_flag_as_required('output')
+
+
+def run() -> None:
+  """The console script `unet-jax-synthetic`."""
+  define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  run()
