@@ -41,12 +41,15 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from unet_jax import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import classes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import tta  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS = flags.DEFINE_list('configs', [], 'Config files, each optionally file.py:arg; the '
                             'recipe is named after the file.')
@@ -193,8 +196,10 @@ def table(results: list[dict], class_names=REPORTED_CLASSES) -> str:
 
 
 def main(argv):
+  xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(verbose=cli.verbose())
   root = pathlib.Path(WORKDIR.value)
   root.mkdir(parents=True, exist_ok=True)
   results = []
@@ -223,4 +228,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
