@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 from configs import carla
+from unet_jax import augmentation
 from unet_jax import input_pipeline as ip
 from unet_jax import models
+from unet_jax import preprocessing
+from unet_jax import schedules
 from unet_jax import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GEOMETRY = ip.Augment(horizontal_flip=True, scale_range=(1.2, 2.0))
+GEOMETRY = augmentation.Augment(horizontal_flip=True, scale_range=(1.2, 2.0))
 
 
 def _config(data_dir, **data):
@@ -69,20 +72,20 @@ def test_mask_resize_is_nearest_and_image_resize_antialiased():
   mask = rng.choice(np.array([1, 7, 13, 22], np.uint8), size=(48, 64))
   checker = (np.indices((48, 64)).sum(0) % 2 * 255).astype(np.uint8)
   image = np.repeat(checker[..., None], 3, -1)
-  small_image, small_mask = ip.resize_pair(image, mask, (12, 16))
+  small_image, small_mask = preprocessing.resize_pair(image, mask, (12, 16))
   assert small_mask.shape == (12, 16) and small_image.shape == (12, 16, 3)
   assert set(np.unique(small_mask)) <= {1, 7, 13, 22}
   # A one-pixel checkerboard shrunk 4x averages to grey instead of aliasing to black/white.
   assert np.abs(small_image.astype(float) - 127.5).max() < 20
   # Upsizing the mask also invents no label.
-  _, big_mask = ip.resize_pair(image, mask, (96, 128))
+  _, big_mask = preprocessing.resize_pair(image, mask, (96, 128))
   assert set(np.unique(big_mask)) <= set(np.unique(mask))
 
 
 def test_valid_padding_label_is_the_centre_crop():
   label = np.arange(36 * 52).reshape(36, 52)
   size = models.output_size((36, 52), depth=1, padding='VALID')
-  cropped = ip.centre_crop_label(label, size)
+  cropped = preprocessing.centre_crop_label(label, size)
   assert cropped.shape == size == (20, 36)
   assert cropped[0, 0] == label[8, 8] and cropped[-1, -1] == label[27, 43]
 
@@ -113,8 +116,8 @@ def _interior(label):
 def test_geometry_moves_image_and_label_together(xp):
   image, label = _label_coded_example()
   for seed in range(6):
-    uniforms = np.random.default_rng(seed).random(ip.NUM_AUGMENT_UNIFORMS).astype(np.float32)
-    out_image, out_label = map(np.asarray, ip.augment_example(
+    uniforms = np.random.default_rng(seed).random(augmentation.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+    out_image, out_label = map(np.asarray, augmentation.augment_example(
         xp, xp.asarray(image), xp.asarray(label), xp.asarray(uniforms), GEOMETRY))
     assert out_label.shape == label.shape
     assert set(np.unique(out_label)) <= set(np.unique(label))
@@ -126,21 +129,21 @@ def test_geometry_moves_image_and_label_together(xp):
 
 def test_flip_without_scaling_mirrors_exactly():
   image, label = _label_coded_example()
-  flip_only = ip.Augment(horizontal_flip=True)
-  uniforms = np.zeros(ip.NUM_AUGMENT_UNIFORMS, np.float32)  # u[0] < 0.5: flip
-  out_image, out_label = ip.augment_example(np, image, label, uniforms, flip_only)
+  flip_only = augmentation.Augment(horizontal_flip=True)
+  uniforms = np.zeros(augmentation.NUM_AUGMENT_UNIFORMS, np.float32)  # u[0] < 0.5: flip
+  out_image, out_label = augmentation.augment_example(np, image, label, uniforms, flip_only)
   np.testing.assert_array_equal(out_label, label[:, ::-1])
   np.testing.assert_allclose(out_image, image[:, ::-1], atol=1e-6)
   uniforms[0] = 0.9  # no flip
-  out_image, out_label = ip.augment_example(np, image, label, uniforms, flip_only)
+  out_image, out_label = augmentation.augment_example(np, image, label, uniforms, flip_only)
   np.testing.assert_array_equal(out_label, label)
 
 
 def test_colour_jitter_changes_the_image_only():
   image, label = _label_coded_example()
-  jitter = ip.Augment(brightness=0.2, contrast=0.3, saturation=0.3)
-  uniforms = np.full(ip.NUM_AUGMENT_UNIFORMS, 0.9, np.float32)
-  out_image, out_label = ip.augment_example(np, image, label, uniforms, jitter)
+  jitter = augmentation.Augment(brightness=0.2, contrast=0.3, saturation=0.3)
+  uniforms = np.full(augmentation.NUM_AUGMENT_UNIFORMS, 0.9, np.float32)
+  out_image, out_label = augmentation.augment_example(np, image, label, uniforms, jitter)
   np.testing.assert_array_equal(out_label, label)
   assert np.abs(out_image - image).mean() > 0.05
   assert out_image.min() >= 0 and out_image.max() <= 1
@@ -148,10 +151,10 @@ def test_colour_jitter_changes_the_image_only():
 
 def test_numpy_and_jax_augmentations_agree():
   image, label = _label_coded_example()
-  everything = ip.Augment(True, (0.8, 1.6), 0.2, 0.3, 0.3)
-  uniforms = np.random.default_rng(3).random(ip.NUM_AUGMENT_UNIFORMS).astype(np.float32)
-  np_image, np_label = ip.augment_example(np, image, label, uniforms, everything)
-  jax_image, jax_label = ip.augment_example(jnp, jnp.asarray(image), jnp.asarray(label),
+  everything = augmentation.Augment(True, (0.8, 1.6), 0.2, 0.3, 0.3)
+  uniforms = np.random.default_rng(3).random(augmentation.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+  np_image, np_label = augmentation.augment_example(np, image, label, uniforms, everything)
+  jax_image, jax_label = augmentation.augment_example(jnp, jnp.asarray(image), jnp.asarray(label),
                                             jnp.asarray(uniforms), everything)
   np.testing.assert_array_equal(np_label, np.asarray(jax_label))
   np.testing.assert_allclose(np_image, np.asarray(jax_image), atol=1e-4)
@@ -161,27 +164,27 @@ def test_numpy_and_jax_augmentations_agree():
 
 
 def test_order_is_a_function_of_seed_and_epoch():
-  first = ip.train_schedule(103, 8, seed=0, epoch=3)
+  first = schedules.train_schedule(103, 8, seed=0, epoch=3)
   assert first.shape == (12, 8)
-  np.testing.assert_array_equal(first, ip.train_schedule(103, 8, seed=0, epoch=3))
+  np.testing.assert_array_equal(first, schedules.train_schedule(103, 8, seed=0, epoch=3))
   assert len(set(first.ravel())) == 96  # no example twice
-  assert (first != ip.train_schedule(103, 8, seed=0, epoch=4)).any()
-  assert (first != ip.train_schedule(103, 8, seed=1, epoch=3)).any()
+  assert (first != schedules.train_schedule(103, 8, seed=0, epoch=4)).any()
+  assert (first != schedules.train_schedule(103, 8, seed=1, epoch=3)).any()
 
 
 def test_eval_schedule_covers_every_example_once():
-  indices, valid = ip.eval_schedule(10, 4)
+  indices, valid = schedules.eval_schedule(10, 4)
   assert indices.shape == (3, 4)
   assert sorted(indices[valid]) == list(range(10))
   assert valid.sum() == 10 and not valid[-1, 2:].any()
 
 
 def test_processes_get_disjoint_slices():
-  columns = [ip.process_columns(8, p, 4) for p in range(4)]
+  columns = [schedules.process_columns(8, p, 4) for p in range(4)]
   covered = np.concatenate([np.arange(8)[c] for c in columns])
   np.testing.assert_array_equal(covered, np.arange(8))
   with pytest.raises(ValueError, match='not divisible'):
-    ip.process_columns(6, 0, 4)
+    schedules.process_columns(6, 0, 4)
 
 
 # ---- the datasets, in both modes -------------------------------------------------
@@ -276,7 +279,7 @@ def test_device_cache_makes_no_implicit_transfers(scenes, mesh):
 
 def test_host_batches_per_process_are_disjoint_and_complete(datasets):
   train = datasets['train']
-  indices = ip.train_schedule(train.num_examples, 4, seed=0, epoch=0)
+  indices = schedules.train_schedule(train.num_examples, 4, seed=0, epoch=0)
   valid = np.ones(indices.shape, bool)
   whole = list(train.host_batches(indices, valid, process_index=0, process_count=1))
   halves = [list(train.host_batches(indices, valid, process_index=p, process_count=2))
@@ -353,10 +356,10 @@ def test_batches_span_eight_devices(scenes):
 @pytest.mark.parametrize('xp', [np, jnp], ids=['numpy', 'jax'])
 def test_crop_with_scale_jitter_has_the_crop_size_and_unblended_labels(xp):
   image, label = _label_coded_example()
-  crop = ip.Augment(horizontal_flip=True, scale_range=(0.7, 1.6), crop_size=(16, 24))
+  crop = augmentation.Augment(horizontal_flip=True, scale_range=(0.7, 1.6), crop_size=(16, 24))
   for seed in range(6):
-    uniforms = np.random.default_rng(seed).random(ip.NUM_AUGMENT_UNIFORMS).astype(np.float32)
-    out_image, out_label = map(np.asarray, ip.augment_example(
+    uniforms = np.random.default_rng(seed).random(augmentation.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+    out_image, out_label = map(np.asarray, augmentation.augment_example(
         xp, xp.asarray(image), xp.asarray(label), xp.asarray(uniforms), crop))
     assert out_image.shape == (16, 24, 3) and out_label.shape == (16, 24)
     assert set(np.unique(out_label)) <= set(np.unique(label))  # nearest: no new labels
@@ -367,13 +370,13 @@ def test_crop_with_scale_jitter_has_the_crop_size_and_unblended_labels(xp):
 
 def test_crop_at_scale_one_is_a_window_of_the_frame():
   image, label = _label_coded_example()
-  crop = ip.Augment(crop_size=(16, 24))
-  uniforms = np.zeros(ip.NUM_AUGMENT_UNIFORMS, np.float32)  # top left
-  out_image, out_label = ip.augment_example(np, image, label, uniforms, crop)
+  crop = augmentation.Augment(crop_size=(16, 24))
+  uniforms = np.zeros(augmentation.NUM_AUGMENT_UNIFORMS, np.float32)  # top left
+  out_image, out_label = augmentation.augment_example(np, image, label, uniforms, crop)
   np.testing.assert_array_equal(out_label, label[:16, :24])
   np.testing.assert_allclose(out_image, image[:16, :24], atol=1e-6)
   uniforms[2:4] = 1.0  # bottom right
-  _, out_label = ip.augment_example(np, image, label, uniforms, crop)
+  _, out_label = augmentation.augment_example(np, image, label, uniforms, crop)
   np.testing.assert_array_equal(out_label, label[-16:, -24:])
 
 
@@ -404,23 +407,23 @@ def test_rare_frame_weights_by_hand():
   # Pixels of two rare classes in three frames; class means 2 and 10/3.
   counts = np.array([[0, 0], [2, 10], [4, 0]])
   # Rare content: frame 0 none; frame 1 (2/2 + 10/(10/3)) / 2 = 2; frame 2 (4/2 + 0) / 2 = 1.
-  np.testing.assert_allclose(ip.rare_frame_weights(counts, [0, 1], boost=2.0), [1, 5, 3])
+  np.testing.assert_allclose(schedules.rare_frame_weights(counts, [0, 1], boost=2.0), [1, 5, 3])
   # A rare class absent from the split is left out of the mean.
   counts = np.array([[0, 0, 1], [2, 0, 3]])
-  np.testing.assert_allclose(ip.rare_frame_weights(counts, [0, 1], boost=1.0), [1, 3])
-  np.testing.assert_allclose(ip.rare_frame_weights(counts, [1], boost=1.0), [1, 1])
+  np.testing.assert_allclose(schedules.rare_frame_weights(counts, [0, 1], boost=1.0), [1, 3])
+  np.testing.assert_allclose(schedules.rare_frame_weights(counts, [1], boost=1.0), [1, 1])
 
 
 def test_weighted_schedule_draws_frames_in_proportion_to_their_weights():
   weights = np.array([1.0] * 5 + [3.0] * 5)
-  draws = np.concatenate([ip.train_schedule(10, 5, seed=0, epoch=e, weights=weights).ravel()
+  draws = np.concatenate([schedules.train_schedule(10, 5, seed=0, epoch=e, weights=weights).ravel()
                           for e in range(3000)])
   frequency = np.bincount(draws, minlength=10) / len(draws)
   # Expected 1/20 and 3/20; 30,000 draws give a standard error of about 0.002.
   np.testing.assert_allclose(frequency, weights / weights.sum(), atol=0.01)
-  np.testing.assert_array_equal(ip.train_schedule(10, 5, 0, 7, weights),
-                                ip.train_schedule(10, 5, 0, 7, weights))
-  assert (ip.train_schedule(10, 5, 0, 7, weights) != ip.train_schedule(10, 5, 0, 8, weights)).any()
+  np.testing.assert_array_equal(schedules.train_schedule(10, 5, 0, 7, weights),
+                                schedules.train_schedule(10, 5, 0, 7, weights))
+  assert (schedules.train_schedule(10, 5, 0, 7, weights) != schedules.train_schedule(10, 5, 0, 8, weights)).any()
 
 
 def test_rare_boost_weights_the_split_by_its_own_frame_counts(scenes, mesh):
@@ -431,9 +434,9 @@ def test_rare_boost_weights_the_split_by_its_own_frame_counts(scenes, mesh):
   assert counts.shape == (train.num_examples, 23)
   np.testing.assert_array_equal(counts.sum(axis=0), train.class_pixel_counts())
   weights = train.sampling_weights()
-  np.testing.assert_allclose(weights, ip.rare_frame_weights(counts, [4, 10], 4.0))
+  np.testing.assert_allclose(weights, schedules.rare_frame_weights(counts, [4, 10], 4.0))
   assert weights.max() > weights.min()
-  drawn = ip.train_schedule(train.num_examples, 4, 0, 3, weights)
+  drawn = schedules.train_schedule(train.num_examples, 4, 0, 3, weights)
   first = np.asarray(next(train.train_batches(3))['label'])
   for row, index in enumerate(drawn[0]):
     np.testing.assert_array_equal(first[row], train.load_example(index)[1])

@@ -11,9 +11,9 @@ import pytest
 
 from unet_jax import carla_files
 from unet_jax import checkpointing
-from unet_jax import input_pipeline
 from unet_jax import models
 from unet_jax import predict
+from unet_jax import preprocessing
 from unet_jax import synthetic
 from unet_jax import visualize
 
@@ -87,7 +87,7 @@ def test_raw_masks_read_back_as_exactly_the_predicted_indices(trained, tmp_path)
 
   # The same prediction computed directly: training's resize, the model, nearest back.
   config, variables, _ = checkpointing.restore_model(str(trained['workdir']), 'latest')
-  resized, _ = input_pipeline.resize_pair(image, np.zeros((45, 61), np.uint8),
+  resized, _ = preprocessing.resize_pair(image, np.zeros((45, 61), np.uint8),
                                           config.data.image_size)
   logits = models.unet_from_config(config.model).apply(
       variables, resized[None].astype(np.float32) / 255.0, train=False)

@@ -22,13 +22,13 @@ more often (`rare_frame_weights`). Two ways to deliver batches:
   background thread prefetches, and `jax.make_array_from_process_local_data`
   assembles the global arrays.
 
-Augmentation code is written once against an array module (`xp` is numpy or
-jax.numpy), so both modes apply the same transformations.
+Resizing lives in `preprocessing` (shared with prediction), the augmentation
+in `augmentation` (written once for numpy and jax.numpy, so both modes apply
+the same transformations) and the batch schedules in `schedules`.
 """
 
 from collections.abc import Callable, Iterator
 import concurrent.futures
-import dataclasses
 import functools
 import os
 import pathlib
@@ -43,200 +43,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image
 
+from unet_jax import augmentation
 from unet_jax import carla_dataset
 from unet_jax import carla_files
 from unet_jax import classes
 from unet_jax import errors
 from unet_jax import models
+from unet_jax import preprocessing
+from unet_jax import schedules
 from unet_jax import synthetic
-
-# Uniform numbers drawn per example: flip, scale, crop top, crop left,
-# brightness, contrast, saturation.
-NUM_AUGMENT_UNIFORMS = 7
-
-
-# ------------------------------------------------------------------------------
-# Preprocessing (host, numpy).
-
-
-def resize_pair(image: np.ndarray, mask: np.ndarray,
-                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """Resizes an image (antialiased) and its mask (nearest, so no new labels) to (H, W)."""
-  height, width = size
-  if image.shape[:2] != (height, width):
-    # Box-reduce to within 2x of the target first: also antialiased, and 3x faster.
-    image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS,
-                                                     reducing_gap=2.0))
-  if mask.shape != (height, width):
-    mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
-  return image, mask
-
-
-def centre_crop_label(label, label_size: tuple[int, int]):
-  """Crops [..., H, W] to the centre [..., h, w]: the region a VALID U-Net predicts."""
-  height, width = label.shape[-2:]
-  top, left = (height - label_size[0]) // 2, (width - label_size[1]) // 2
-  return label[..., top:top + label_size[0], left:left + label_size[1]]
-
-
-# ------------------------------------------------------------------------------
-# Augmentation, for numpy (streaming) and jax.numpy (device cache).
-
-
-@dataclasses.dataclass(frozen=True)
-class Augment:
-  """Training augmentation. `crop_size` (height, width): the output is a crop
-  of that size of the frame scaled by a factor in `scale_range`; None keeps
-  the frame's size (then scale > 1 zooms in and crops back to it)."""
-  horizontal_flip: bool = False
-  scale_range: tuple[float, float] = (1.0, 1.0)
-  brightness: float = 0.0
-  contrast: float = 0.0
-  saturation: float = 0.0
-  crop_size: tuple[int, int] | None = None
-
-  @classmethod
-  def from_config(cls, augment, crop_size=None) -> 'Augment':
-    return cls(bool(augment.horizontal_flip), tuple(float(s) for s in augment.scale_range),
-               float(augment.brightness), float(augment.contrast), float(augment.saturation),
-               tuple(int(n) for n in crop_size) if crop_size else None)
-
-  @property
-  def enabled(self) -> bool:
-    return (self.horizontal_flip or self.scale_range != (1.0, 1.0) or
-            self.crop_size is not None or any((self.brightness, self.contrast, self.saturation)))
-
-
-def _sample_positions(xp, out_length: int, in_length: int, scale, start_fraction, flip):
-  """Source coordinates of the output pixels along one axis.
-
-  The frame scaled by `scale`, cropped to `out_length` pixels at
-  start_fraction of the free range: in source pixels a window of
-  out_length/scale (scale > 1 zooms in; a window longer than the frame
-  repeats the border).
-  """
-  window = out_length / scale
-  start = start_fraction * (in_length - window)
-  positions = start + (xp.arange(out_length, dtype=xp.float32) + 0.5) / scale - 0.5
-  if flip is not None:
-    positions = xp.where(flip, (in_length - 1) - positions, positions)
-  return positions
-
-
-def _linear_take(xp, array, positions, axis: int):
-  length = array.shape[axis]
-  positions = xp.clip(positions, 0, length - 1)
-  lower = xp.floor(positions).astype(xp.int32)
-  upper = xp.minimum(lower + 1, length - 1)
-  weight = (positions - lower).astype(xp.float32)
-  weight = weight.reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
-  return xp.take(array, lower, axis=axis) * (1 - weight) + xp.take(array, upper, axis=axis) * weight
-
-
-def _nearest_take(xp, array, positions, axis: int):
-  index = xp.clip(xp.floor(positions + 0.5), 0, array.shape[axis] - 1).astype(xp.int32)
-  return xp.take(array, index, axis=axis)
-
-
-def augment_example(xp, image, label, uniforms, augment: Augment):
-  """Augments one example. image float32 [H, W, 3] in [0, 1], label [H, W]; uniforms [7] in [0, 1).
-
-  The flip and the scale-and-crop move image and label by the same sampling
-  positions (image bilinear, label nearest, so labels are never blended);
-  colour jitter touches the image only. The output is augment.crop_size, or
-  [H, W] without a crop size.
-  """
-  height, width = label.shape
-  out_height, out_width = augment.crop_size or (height, width)
-  if (augment.horizontal_flip or augment.scale_range != (1.0, 1.0) or
-      (out_height, out_width) != (height, width)):
-    low, high = augment.scale_range
-    scale = low + (high - low) * uniforms[1]
-    flip = uniforms[0] < 0.5 if augment.horizontal_flip else None
-    rows = _sample_positions(xp, out_height, height, scale, uniforms[2], None)
-    cols = _sample_positions(xp, out_width, width, scale, uniforms[3], flip)
-    image = _linear_take(xp, _linear_take(xp, image, rows, 0), cols, 1)
-    label = _nearest_take(xp, _nearest_take(xp, label, rows, 0), cols, 1)
-  if augment.saturation:
-    grey = (image @ xp.asarray([0.299, 0.587, 0.114], xp.float32))[..., None]
-    image = grey + (1 + augment.saturation * (2 * uniforms[6] - 1)) * (image - grey)
-  if augment.contrast:
-    mean = xp.mean(image @ xp.asarray([0.299, 0.587, 0.114], xp.float32))
-    image = mean + (1 + augment.contrast * (2 * uniforms[5] - 1)) * (image - mean)
-  if augment.brightness:
-    image = image + augment.brightness * (2 * uniforms[4] - 1)
-  return xp.clip(image, 0.0, 1.0).astype(xp.float32), label
-
-
-# ------------------------------------------------------------------------------
-# Order and per-process slices.
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The example order of one training epoch: a pure function of (seed, epoch)."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def train_schedule(num_examples: int, batch_size: int, seed: int, epoch: int,
-                   weights: np.ndarray | None = None) -> np.ndarray:
-  """int64 [steps, batch]: example indices of every global batch (remainder dropped).
-
-  Without weights each example once, in `epoch_order`; with weights [N] the
-  same number of draws with replacement, example i with probability
-  weights[i] / sum(weights). Either way a pure function of (seed, epoch).
-  """
-  steps = num_examples // batch_size
-  if weights is None:
-    order = epoch_order(num_examples, seed, epoch)
-  else:
-    weights = np.asarray(weights, np.float64)
-    order = np.random.default_rng([seed, epoch]).choice(num_examples, size=num_examples,
-                                                        p=weights / weights.sum())
-  return order[:steps * batch_size].reshape(steps, batch_size)
-
-
-def rare_frame_weights(frame_counts: np.ndarray, rare_classes, boost: float) -> np.ndarray:
-  """float64 [N]: sampling weight of each frame from its per-class pixel counts [N, C].
-
-  A frame's rare content is, per rare class, its pixels of that class over
-  the class's mean per frame, averaged over the rare classes present in the
-  split: 1 for a frame of average content, 0 for a frame with none. The
-  weight is 1 + boost * content, so a frame of average rare content is drawn
-  1 + boost times as often as one with none. Pixel shares rather than
-  presence: at 640x480 poles occur in every CARLA frame.
-  """
-  counts = np.asarray(frame_counts, np.float64)[:, list(rare_classes)]
-  mean = counts.mean(axis=0)
-  present = mean > 0
-  if not present.any():
-    return np.ones(len(counts))
-  content = (counts[:, present] / mean[present]).mean(axis=1)
-  return 1.0 + boost * content
-
-
-def eval_schedule(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Indices and validity [steps, batch]: every example once, the last batch padded."""
-  steps = -(-num_examples // batch_size)
-  positions = np.arange(steps * batch_size).reshape(steps, batch_size)
-  valid = positions < num_examples
-  return np.where(valid, positions, 0), valid
-
-
-def process_columns(batch_size: int, process_index: int, process_count: int) -> slice:
-  """This process's contiguous slice of every global batch."""
-  if batch_size % process_count:
-    raise ValueError(f'batch size {batch_size} is not divisible by {process_count} processes')
-  local = batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
-
-
-def epoch_uniforms(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """float32 [num_examples, NUM_AUGMENT_UNIFORMS]: row k drives the augmentation
-  of the epoch's k-th example (slot k of `train_schedule`), whichever mode
-  delivers it (one vectorised draw an epoch; the trailing 1 keeps the stream
-  apart from `epoch_order`'s)."""
-  return np.random.default_rng([seed, epoch, 1]).random((num_examples, NUM_AUGMENT_UNIFORMS),
-                                                        dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------
@@ -282,7 +97,7 @@ class SegmentationData:
   def __init__(self, *, name: str, builder, image_size: tuple[int, int],
                label_size: tuple[int, int], global_batch_size: int, mesh: jax.sharding.Mesh,
                label_geometry: tuple[int, str] = (1, 'SAME'),
-               seed: int, augment: Augment, num_classes: int, device_cache: bool,
+               seed: int, augment: augmentation.Augment, num_classes: int, device_cache: bool,
                prefetch_batches: int = 2, num_workers: int = 0, rare_classes=(),
                rare_boost: float = 0.0):
     self.name = name
@@ -329,7 +144,7 @@ class SegmentationData:
   def load_example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 image [H, W, 3] and uint8 label [H, W] at image_size (not cropped)."""
     example = self._source[int(index)]
-    return resize_pair(example['image'], example['segmentation_mask'][..., 0], self.image_size)
+    return preprocessing.resize_pair(example['image'], example['segmentation_mask'][..., 0], self.image_size)
 
   def _host_example(self, example):
     index, valid, uniforms = example
@@ -337,9 +152,9 @@ class SegmentationData:
     image = image.astype(np.float32) / 255.0
     label_size = self.label_size
     if uniforms is not None:
-      image, label = augment_example(np, image, label, uniforms, self._augment)
+      image, label = augmentation.augment_example(np, image, label, uniforms, self._augment)
       label_size = self.train_label_size
-    return {'image': image, 'label': centre_crop_label(label, label_size).astype(np.int32),
+    return {'image': image, 'label': preprocessing.centre_crop_label(label, label_size).astype(np.int32),
             'valid': np.bool_(valid)}
 
   def host_batches(self, indices: np.ndarray, valid: np.ndarray, *,
@@ -349,9 +164,9 @@ class SegmentationData:
     each example augmented with its row of `uniforms` [steps, B, 7] if given."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    columns = process_columns(self.global_batch_size, process_index, process_count)
+    columns = schedules.process_columns(self.global_batch_size, process_index, process_count)
     rows = ([None] * indices[:, columns].size if uniforms is None
-            else list(uniforms[:, columns].reshape(-1, NUM_AUGMENT_UNIFORMS)))
+            else list(uniforms[:, columns].reshape(-1, augmentation.NUM_AUGMENT_UNIFORMS)))
     local = list(zip(indices[:, columns].ravel().tolist(), valid[:, columns].ravel().tolist(),
                      rows))
     if not local:
@@ -390,7 +205,7 @@ class SegmentationData:
       examples = list(pool.map(self.load_example, range(self.num_examples)))
     images = np.stack([image for image, _ in examples])
     labels = np.stack([label for _, label in examples])
-    self._frame_counts = self._count_frames(centre_crop_label(labels, self.label_size))
+    self._frame_counts = self._count_frames(preprocessing.centre_crop_label(labels, self.label_size))
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
     return {'images': put(images), 'labels': put(labels),
             'gather': jax.jit(functools.partial(_gather_batch, augment=self._augment,
@@ -405,7 +220,7 @@ class SegmentationData:
     training = uniforms is not None
     # The same per-slot draws as the streaming path, so both modes train
     # identically; one table an epoch, indexed on the devices.
-    uniforms = put(uniforms if training else np.zeros((1, 1, NUM_AUGMENT_UNIFORMS), np.float32))
+    uniforms = put(uniforms if training else np.zeros((1, 1, augmentation.NUM_AUGMENT_UNIFORMS), np.float32))
     # The epoch's whole schedule goes to the devices once and the row counter
     # stays there: each step is one dispatch and no host-to-device copy (on
     # a GPU two small copies a step cost more than its short step hides).
@@ -419,19 +234,19 @@ class SegmentationData:
   # ---- public ----
 
   def sampling_weights(self) -> np.ndarray | None:
-    """The training draw's per-example weights (`rare_frame_weights`); None: each once."""
+    """The training draw's per-example weights (`schedules.rare_frame_weights`); None: each once."""
     if not self._rare_boost or not self._rare_classes:
       return None
-    return rare_frame_weights(self.frame_class_counts(), self._rare_classes, self._rare_boost)
+    return schedules.rare_frame_weights(self.frame_class_counts(), self._rare_classes, self._rare_boost)
 
   def train_batches(self, epoch: int, first_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Augmented batches of one epoch in the (seed, epoch) order, from step first_step."""
-    indices = train_schedule(self.num_examples, self.global_batch_size, self._seed, epoch,
+    indices = schedules.train_schedule(self.num_examples, self.global_batch_size, self._seed, epoch,
                              self.sampling_weights())
     uniforms = None
     if self._augment.enabled:
-      uniforms = epoch_uniforms(self.num_examples, self._seed, epoch)[:indices.size]
-      uniforms = uniforms.reshape(*indices.shape, NUM_AUGMENT_UNIFORMS)[first_step:]
+      uniforms = augmentation.epoch_uniforms(self.num_examples, self._seed, epoch)[:indices.size]
+      uniforms = uniforms.reshape(*indices.shape, augmentation.NUM_AUGMENT_UNIFORMS)[first_step:]
     indices = indices[first_step:]
     valid = np.ones(indices.shape, bool)
     deliver = self._from_cache if self.device_cached else self._stream
@@ -439,7 +254,7 @@ class SegmentationData:
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """Every example once, in order, not augmented; padding in the last batch has valid=False."""
-    indices, valid = eval_schedule(self.num_examples, self.global_batch_size)
+    indices, valid = schedules.eval_schedule(self.num_examples, self.global_batch_size)
     deliver = self._from_cache if self.device_cached else self._stream
     return deliver(indices, valid, uniforms=None)
 
@@ -457,7 +272,7 @@ class SegmentationData:
         if mask.shape != self.image_size:
           mask = np.asarray(Image.fromarray(mask).resize(self.image_size[::-1],
                                                          Image.Resampling.NEAREST))
-        return centre_crop_label(mask, self.label_size)
+        return preprocessing.centre_crop_label(mask, self.label_size)
       with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         self._frame_counts = self._count_frames(pool.map(count, range(self.num_examples)))
     return self._frame_counts.copy()
@@ -468,7 +283,7 @@ class SegmentationData:
 
 
 def _gather_batch(images, labels, uniforms, epoch_indices, epoch_valid, row, *,
-                  augment: Augment, label_size, train_label_size, training: bool):
+                  augment: augmentation.Augment, label_size, train_label_size, training: bool):
   """Device side: gathers the cached examples of `row` of the epoch's schedule,
   augments them (training) with their rows of `uniforms` [steps, B, 7] and
   crops labels. Returns the batch and the next row."""
@@ -476,10 +291,10 @@ def _gather_batch(images, labels, uniforms, epoch_indices, epoch_valid, row, *,
   image = images[indices].astype(jnp.float32) / 255.0
   label = labels[indices]
   if training:
-    image, label = jax.vmap(lambda x, y, u: augment_example(jnp, x, y, u, augment))(
+    image, label = jax.vmap(lambda x, y, u: augmentation.augment_example(jnp, x, y, u, augment))(
         image, label, uniforms[row])
     label_size = train_label_size
-  return {'image': image, 'label': centre_crop_label(label, label_size).astype(jnp.int32),
+  return {'image': image, 'label': preprocessing.centre_crop_label(label, label_size).astype(jnp.int32),
           'valid': valid}, row + 1
 
 
@@ -536,7 +351,7 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
           name=name, builder=builder, image_size=image_size, label_size=label_size,
           label_geometry=(config.model.depth, config.model.padding),
           global_batch_size=config.batch_size, mesh=mesh, seed=config.seed,
-          augment=Augment.from_config(data.augment, data.get('train_crop_size')),
+          augment=augmentation.Augment.from_config(data.augment, data.get('train_crop_size')),
           num_classes=config.model.num_classes, device_cache=device_cache,
           prefetch_batches=data.prefetch_batches, num_workers=data.num_workers,
           rare_classes=[classes.CLASS_NAMES.index(c) for c in data.get('rare_classes', ())],
@@ -567,6 +382,6 @@ def folder_dataset(config, mesh: jax.sharding.Mesh, data_dir,
                   _cache_megabytes(num_examples, image_size) <= data.device_cache_max_mb)
   return SegmentationData(
       name='train[:100%]', builder=builder, image_size=image_size, label_size=label_size,
-      global_batch_size=config.batch_size, mesh=mesh, seed=config.seed, augment=Augment(),
+      global_batch_size=config.batch_size, mesh=mesh, seed=config.seed, augment=augmentation.Augment(),
       num_classes=config.model.num_classes, device_cache=device_cache,
       prefetch_batches=data.prefetch_batches, num_workers=data.num_workers)

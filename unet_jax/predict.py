@@ -49,9 +49,9 @@ from unet_jax import checkpointing
 from unet_jax import cli
 from unet_jax import console
 from unet_jax import errors
-from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import models
+from unet_jax import preprocessing
 from unet_jax import sharding
 from unet_jax import tta
 from unet_jax import visualize
@@ -204,7 +204,7 @@ def model_input(image: np.ndarray, mode: str, in_size: tuple[int, int]) -> np.nd
   """uint8 [H, W, 3] -> float32 in [0, 1] at the size the model will slide over."""
   if mode == 'resize':
     # Training's own resize; its mask argument is already at size, so untouched.
-    image, _ = input_pipeline.resize_pair(image, np.zeros(in_size, np.uint8), in_size)
+    image, _ = preprocessing.resize_pair(image, np.zeros(in_size, np.uint8), in_size)
   return image.astype(np.float32) / 255.0
 
 

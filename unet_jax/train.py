@@ -1,9 +1,11 @@
-"""Training and evaluation: the state, the pure steps, and the loop.
+"""Training: the state, the optimizer, the pure train step, and the loop.
 
-`train_step(state, batch, dropout_key)` and `eval_step(variables, batch)` are
-pure functions, compiled once with `jax.jit` over batches sharded along the
-'data' axis of a mesh over every device (parameters replicated, the state
-donated). `train_and_evaluate(config, workdir)` is the loop around them.
+`train_step(state, batch, dropout_key)` is a pure function, compiled once
+with `jax.jit` over batches sharded along the 'data' axis of a mesh over
+every device (`unet_jax.sharding`: parameters replicated, the state
+donated). `train_and_evaluate(config, workdir)` is the loop around it, with
+evaluations through `unet_jax.evaluation` (the same step `evaluate` uses) and
+losses from `unet_jax.losses`. Inference code never imports this module.
 """
 
 import functools

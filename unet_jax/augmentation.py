@@ -1,0 +1,114 @@
+"""Training augmentation, written once for numpy (streaming) and jax.numpy
+(device cache): `xp` is the array module, so both data modes apply exactly the
+same transformations from the same random draws.
+
+Each example's augmentation is driven by `NUM_AUGMENT_UNIFORMS` uniform
+numbers; `epoch_uniforms(num_examples, seed, epoch)` draws them for a whole
+epoch at once, row k for the epoch's k-th example (its slot), so the
+augmentation of an epoch is a pure function of (seed, epoch) and a resumed
+run sees the same examples.
+"""
+
+import dataclasses
+
+import numpy as np
+
+# Uniform numbers drawn per example: flip, scale, crop top, crop left,
+# brightness, contrast, saturation.
+NUM_AUGMENT_UNIFORMS = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Training augmentation. `crop_size` (height, width): the output is a crop
+  of that size of the frame scaled by a factor in `scale_range`; None keeps
+  the frame's size (then scale > 1 zooms in and crops back to it)."""
+  horizontal_flip: bool = False
+  scale_range: tuple[float, float] = (1.0, 1.0)
+  brightness: float = 0.0
+  contrast: float = 0.0
+  saturation: float = 0.0
+  crop_size: tuple[int, int] | None = None
+
+  @classmethod
+  def from_config(cls, augment, crop_size=None) -> 'Augment':
+    return cls(bool(augment.horizontal_flip), tuple(float(s) for s in augment.scale_range),
+               float(augment.brightness), float(augment.contrast), float(augment.saturation),
+               tuple(int(n) for n in crop_size) if crop_size else None)
+
+  @property
+  def enabled(self) -> bool:
+    return (self.horizontal_flip or self.scale_range != (1.0, 1.0) or
+            self.crop_size is not None or any((self.brightness, self.contrast, self.saturation)))
+
+
+def _sample_positions(xp, out_length: int, in_length: int, scale, start_fraction, flip):
+  """Source coordinates of the output pixels along one axis.
+
+  The frame scaled by `scale`, cropped to `out_length` pixels at
+  start_fraction of the free range: in source pixels a window of
+  out_length/scale (scale > 1 zooms in; a window longer than the frame
+  repeats the border).
+  """
+  window = out_length / scale
+  start = start_fraction * (in_length - window)
+  positions = start + (xp.arange(out_length, dtype=xp.float32) + 0.5) / scale - 0.5
+  if flip is not None:
+    positions = xp.where(flip, (in_length - 1) - positions, positions)
+  return positions
+
+
+def _linear_take(xp, array, positions, axis: int):
+  length = array.shape[axis]
+  positions = xp.clip(positions, 0, length - 1)
+  lower = xp.floor(positions).astype(xp.int32)
+  upper = xp.minimum(lower + 1, length - 1)
+  weight = (positions - lower).astype(xp.float32)
+  weight = weight.reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
+  return xp.take(array, lower, axis=axis) * (1 - weight) + xp.take(array, upper, axis=axis) * weight
+
+
+def _nearest_take(xp, array, positions, axis: int):
+  index = xp.clip(xp.floor(positions + 0.5), 0, array.shape[axis] - 1).astype(xp.int32)
+  return xp.take(array, index, axis=axis)
+
+
+def augment_example(xp, image, label, uniforms, augment: Augment):
+  """Augments one example. image float32 [H, W, 3] in [0, 1], label [H, W]; uniforms [7] in [0, 1).
+
+  The flip and the scale-and-crop move image and label by the same sampling
+  positions (image bilinear, label nearest, so labels are never blended);
+  colour jitter touches the image only. The output is augment.crop_size, or
+  [H, W] without a crop size.
+  """
+  height, width = label.shape
+  out_height, out_width = augment.crop_size or (height, width)
+  if (augment.horizontal_flip or augment.scale_range != (1.0, 1.0) or
+      (out_height, out_width) != (height, width)):
+    low, high = augment.scale_range
+    scale = low + (high - low) * uniforms[1]
+    flip = uniforms[0] < 0.5 if augment.horizontal_flip else None
+    rows = _sample_positions(xp, out_height, height, scale, uniforms[2], None)
+    cols = _sample_positions(xp, out_width, width, scale, uniforms[3], flip)
+    image = _linear_take(xp, _linear_take(xp, image, rows, 0), cols, 1)
+    label = _nearest_take(xp, _nearest_take(xp, label, rows, 0), cols, 1)
+  if augment.saturation:
+    grey = (image @ xp.asarray([0.299, 0.587, 0.114], xp.float32))[..., None]
+    image = grey + (1 + augment.saturation * (2 * uniforms[6] - 1)) * (image - grey)
+  if augment.contrast:
+    mean = xp.mean(image @ xp.asarray([0.299, 0.587, 0.114], xp.float32))
+    image = mean + (1 + augment.contrast * (2 * uniforms[5] - 1)) * (image - mean)
+  if augment.brightness:
+    image = image + augment.brightness * (2 * uniforms[4] - 1)
+  return xp.clip(image, 0.0, 1.0).astype(xp.float32), label
+
+
+
+
+def epoch_uniforms(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """float32 [num_examples, NUM_AUGMENT_UNIFORMS]: row k drives the augmentation
+  of the epoch's k-th example (slot k of `train_schedule`), whichever mode
+  delivers it (one vectorised draw an epoch; the trailing 1 keeps the stream
+  apart from `epoch_order`'s)."""
+  return np.random.default_rng([seed, epoch, 1]).random((num_examples, NUM_AUGMENT_UNIFORMS),
+                                                        dtype=np.float32)
