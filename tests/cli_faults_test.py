@@ -16,12 +16,7 @@ from conftest import REPO
 from unet_jax import carla_files
 from unet_jax import synthetic
 
-import trained_workdir
 
-
-@pytest.fixture(scope='session')
-def trained(tmp_path_factory):
-  return trained_workdir.trained_workdir(tmp_path_factory)
 
 
 def _snapshot(folder: pathlib.Path) -> dict:

@@ -63,3 +63,69 @@ def synthetic_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp('synthetic')
   synthetic.write_scenes(path, 24, seed=0, size=(48, 64))
   return path
+
+
+def saved_params(workdir, checkpoint: str = 'latest'):
+  """(step, every parameter of a workdir's checkpoint as one flat float array)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unet_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  _, variables, step = checkpointing.restore_model(str(workdir), checkpoint)
+  return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
+
+
+# --------------------------------------------------------------------------
+# A tiny workdir trained once per test run, shared by the evaluate, predict,
+# test-time augmentation and command-line tests. With pytest-xdist every
+# worker is its own process: the first to arrive trains under a file lock in
+# the run's shared temporary folder and the others reuse its workdir and its
+# final evaluation (saved beside it as JSON).
+
+TRAINED_SCENES = 16
+TRAINED_SCENE_SIZE = (40, 56)  # not the model's 32x32: evaluation resizes as in training
+_SUMMARY_FILE = 'final_evaluation.json'
+
+
+def trained_config(data_dir):
+  """carla.py's smoke model (32x32, base 4, depth 2, batch 4), 16 frames split frame by frame."""
+  return tiny_config(data_dir, **{'data.test_fraction': 0.25, 'log_every_steps': 1})
+
+
+def _shared_root(tmp_path_factory) -> pathlib.Path:
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist each worker's base folder sits in one folder of the run.
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
+def _summary_to_json(summary: dict) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
+          for k, v in summary.items()}
+
+
+def _summary_from_json(values: dict) -> dict:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays = ('per_class_iou', 'per_class_accuracy', 'pixel_count', 'confusion_matrix')
+  return {k: (np.asarray(v) if k in arrays else v) for k, v in values.items()}
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+  """{'workdir', 'data_dir', 'config', 'final'}; 'final' is training's last evaluation."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from unet_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  root = _shared_root(tmp_path_factory) / 'tiny_trained_unet'
+  root.mkdir(exist_ok=True)
+  data_dir, workdir = root / 'frames', root / 'workdir'
+  config = trained_config(data_dir)
+  with open(root / '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / _SUMMARY_FILE).exists():
+      synthetic.write_scenes(data_dir, TRAINED_SCENES, seed=3, size=TRAINED_SCENE_SIZE)
+      final = train.train_and_evaluate(config, str(workdir))
+      (root / _SUMMARY_FILE).write_text(json.dumps(_summary_to_json(final)))
+    final = _summary_from_json(json.loads((root / _SUMMARY_FILE).read_text()))
+  return {'workdir': workdir, 'data_dir': data_dir, 'config': config, 'final': final}
+

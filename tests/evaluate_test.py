@@ -16,14 +16,9 @@ from unet_jax import carla_files
 from unet_jax import checkpointing
 from unet_jax import evaluate
 
-import trained_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope='session')
-def trained(tmp_path_factory):
-  return trained_workdir.trained_workdir(tmp_path_factory)
 
 
 def _copy_split_frames(trained, split: str, destination: pathlib.Path) -> list[str]:

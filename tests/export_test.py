@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests import trained_workdir as trained
 from unet_jax import carla_files
 from unet_jax import export
 from unet_jax import exported
@@ -212,9 +211,9 @@ def test_loader_refuses_damaged_or_mismatched_exports(tmp_path):
   assert exported.load(onnx_dir)[1]['checkpoint_step'] == 5
 
 
-def test_the_command_exports_a_trained_workdir(tmp_path_factory, tmp_path):
+def test_the_command_exports_a_trained_workdir(trained, tmp_path):
   _needs_onnx()
-  shared = trained.trained_workdir(tmp_path_factory)
+  shared = trained
   workdir = shared['workdir']
   env = dict(os.environ, PYTHONPATH=str(REPO))
   subprocess.run([sys.executable, '-m', 'unet_jax.export', f'--workdir={workdir}',

@@ -11,12 +11,11 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, saved_params, tiny_config
 from unet_jax import checkpointing
 from unet_jax import config_checks
 from unet_jax import input_pipeline
@@ -47,10 +46,6 @@ def _start(data_dir, workdir):
 def _output(process):
   return pathlib.Path(process.log_path).read_text()[-3000:]
 
-
-def _params(workdir):
-  _, variables, step = checkpointing.restore_model(str(workdir), 'latest')
-  return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
 
 
 def _kill_when(process, condition, timeout=240.0):
@@ -115,8 +110,8 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(synthetic
 
   assert kills.count('checkpoint write') >= 1 and len(kills) >= 3, kills
   assert not [p for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name]
-  step_straight, params_straight = _params(tmp_path / 'straight')
-  step_killed, params_killed = _params(workdir)
+  step_straight, params_straight = saved_params(tmp_path / 'straight')
+  step_killed, params_killed = saved_params(workdir)
   assert step_killed == step_straight
   np.testing.assert_allclose(params_killed, params_straight, rtol=0, atol=1e-6)
 
@@ -143,7 +138,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dir,
   config = tiny_config(synthetic_dir, num_epochs=3)  # checkpoints every 3 steps, logs every 2
   with pytest.raises(train.NonFiniteLossError, match=r'nan at step 5\b.*checkpoint, step 3, holds only finite'):
     train.train_and_evaluate(config, str(tmp_path))
-  step, params = _params(tmp_path)
+  step, params = saved_params(tmp_path)
   assert step == 3
   assert np.all(np.isfinite(params))
 
@@ -195,7 +190,7 @@ def test_checkpoints_restore_without_pickle(synthetic_dir, tmp_path, monkeypatch
   monkeypatch.setattr(pickle, 'load', refuse)
   monkeypatch.setattr(pickle, 'loads', refuse)
   monkeypatch.setattr(pickle, 'Unpickler', refuse)
-  _, params = _params(tmp_path)
+  _, params = saved_params(tmp_path)
   assert params.size > 0 and np.all(np.isfinite(params))
 
 
@@ -215,6 +210,6 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(synthetic_dir, tm
       os.killpg(process.pid, signal.SIGKILL)
       process.wait()
   logged = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  step, _ = _params(workdir)
+  step, _ = saved_params(workdir)
   assert step == logged[-1]['step']  # saved where it stopped, not at the last periodic save
   assert logged[-1]['epoch'] < 3  # and it stopped before the end of its 3 epochs

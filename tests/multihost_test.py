@@ -20,11 +20,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, saved_params
 from unet_jax import checkpointing
 from unet_jax import distributed
 
@@ -107,10 +106,6 @@ def _metric_lines(workdir) -> list[dict]:
   return [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
 
 
-def _restored_params(workdir) -> tuple[int, np.ndarray]:
-  _, variables, step = checkpointing.restore_model(str(workdir), 'latest')
-  return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
-
 
 @pytest.fixture(scope='module')
 def one_process_run(synthetic_dir, tmp_path_factory):
@@ -132,8 +127,8 @@ def test_two_processes_train_like_one_process_with_the_same_devices(
     assert f'jax.distributed: process {process_id} of 2' in log
 
   # The two-process checkpoint restores here, in one process, and equals the reference.
-  step_2, params_2 = _restored_params(workdir)
-  step_1, params_1 = _restored_params(one_process_run)
+  step_2, params_2 = saved_params(workdir)
+  step_1, params_1 = saved_params(one_process_run)
   assert step_2 == step_1 > 0
   np.testing.assert_allclose(params_2, params_1, rtol=0, atol=1e-5)
 

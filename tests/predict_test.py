@@ -17,14 +17,9 @@ from unet_jax import preprocessing
 from unet_jax import synthetic
 from unet_jax import visualize
 
-import trained_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope='session')
-def trained(tmp_path_factory):
-  return trained_workdir.trained_workdir(tmp_path_factory)
 
 
 def _write_frame(path, size, seed=0):

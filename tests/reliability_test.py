@@ -24,12 +24,7 @@ from unet_jax import predict
 from unet_jax import synthetic
 from unet_jax import train
 
-import trained_workdir
 
-
-@pytest.fixture(scope='session')
-def trained(tmp_path_factory):
-  return trained_workdir.trained_workdir(tmp_path_factory)
 
 
 def _copy_workdir(trained, tmp_path) -> pathlib.Path:

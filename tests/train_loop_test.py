@@ -6,18 +6,13 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, saved_params, tiny_config
 from unet_jax import checkpointing
 from unet_jax import train
 
-
-def _params(workdir, checkpoint='latest'):
-  _, variables, step = checkpointing.restore_model(str(workdir), checkpoint)
-  return step, np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables['params'])])
 
 
 def test_workdir_holds_config_checkpoints_events_and_metrics(synthetic_dir, tmp_path):
@@ -50,8 +45,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(synthetic_dir, tmp_
   stopped = train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=5)
   assert stopped['stopped'] and stopped['step'] == 5  # mid-epoch, off the checkpoint interval
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  step_a, params_a = _params(tmp_path / 'straight')
-  step_b, params_b = _params(tmp_path / 'resumed')
+  step_a, params_a = saved_params(tmp_path / 'straight')
+  step_b, params_b = saved_params(tmp_path / 'resumed')
   assert step_a == step_b
   np.testing.assert_allclose(params_b, params_a, rtol=0, atol=1e-6)
 
@@ -66,8 +61,8 @@ def test_levers_on_train_and_resume_exactly(synthetic_dir, tmp_path):
   assert straight['confusion_matrix'].sum() % (32 * 32) == 0  # evaluated on whole frames
   train.train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at_step=5)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  step_a, params_a = _params(tmp_path / 'straight')
-  step_b, params_b = _params(tmp_path / 'resumed')
+  step_a, params_a = saved_params(tmp_path / 'straight')
+  step_b, params_b = saved_params(tmp_path / 'resumed')
   assert step_a == step_b
   np.testing.assert_allclose(params_b, params_a, rtol=0, atol=1e-6)
 
@@ -77,10 +72,10 @@ def test_same_config_and_seed_give_the_same_result(synthetic_dir, tmp_path):
   a = train.train_and_evaluate(config, str(tmp_path / 'a'))
   b = train.train_and_evaluate(config, str(tmp_path / 'b'))
   np.testing.assert_array_equal(a['confusion_matrix'], b['confusion_matrix'])
-  np.testing.assert_array_equal(_params(tmp_path / 'a')[1], _params(tmp_path / 'b')[1])
+  np.testing.assert_array_equal(saved_params(tmp_path / 'a')[1], saved_params(tmp_path / 'b')[1])
   other_seed = train.train_and_evaluate(tiny_config(synthetic_dir, num_epochs=1, seed=1),
                                         str(tmp_path / 'c'))
-  assert not np.array_equal(_params(tmp_path / 'c')[1], _params(tmp_path / 'a')[1])
+  assert not np.array_equal(saved_params(tmp_path / 'c')[1], saved_params(tmp_path / 'a')[1])
   del other_seed
 
 
@@ -114,5 +109,5 @@ def test_one_and_eight_devices_reach_the_same_loss_and_parameters(synthetic_dir,
   losses_8 = _train_in_subprocess(synthetic_dir, tmp_path / 'eight', 8)
   assert len(losses_1) == len(losses_8) >= 4
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
-  np.testing.assert_allclose(_params(tmp_path / 'eight')[1], _params(tmp_path / 'one')[1],
+  np.testing.assert_allclose(saved_params(tmp_path / 'eight')[1], saved_params(tmp_path / 'one')[1],
                              atol=1e-4)

@@ -14,12 +14,7 @@ from unet_jax import predict
 from unet_jax import sharding
 from unet_jax import tta
 
-import trained_workdir
 
-
-@pytest.fixture(scope='session')
-def trained(tmp_path_factory):
-  return trained_workdir.trained_workdir(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')
