@@ -3,7 +3,8 @@ r"""Trains a U-Net: `python -m unet_jax.main --config=configs/carla.py --workdir
 Any config field can be overridden (`--config.batch_size=8`). Started again on
 the same workdir, training resumes from the latest checkpoint. This file only
 parses flags; the work is in `unet_jax.train`. A known error (bad data,
-config, workdir or checkpoint) prints as one line; `-v 1` adds the traceback.
+config, workdir or checkpoint) prints as one line; `--verbose` adds the
+traceback and every library's log lines.
 """
 
 import os
@@ -38,6 +39,7 @@ def define_flags() -> None:
                        'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
+
 LOG_FILE = 'train.log'
 
 
@@ -45,11 +47,18 @@ def config_summary(config) -> str:
   """The run in one line; the whole config goes to the log file and config.json."""
   model = config.model
   height, width = config.data.image_size
-  return (f'U-Net {model.get("encoder", "unet")} (base {model.base_filters}, depth {model.depth}, '
-          f'{model.padding}{", batch norm" if model.use_batch_norm else ""}, {model.dtype}) at '
-          f'{height}x{width} on {config.data.data_dir}; batch {config.batch_size}, '
-          f'{config.num_epochs} epochs, {config.optimizer} {config.learning_rate:g} '
-          f'{config.lr_schedule}, class weights {config.class_weighting}')
+  if model.encoder == 'efficientnet_lite0':
+    network = (f'EfficientNet-Lite0 U-Net ({"ImageNet" if model.pretrained else "random"} '
+               f'encoder, decoder {"/".join(map(str, model.decoder_filters))}, {model.dtype})')
+  else:
+    network = (f'U-Net (base {model.base_filters}, depth {model.depth}, {model.padding}'
+               f'{", batch norm" if model.use_batch_norm else ""}, {model.dtype})')
+  crop = config.data.train_crop_size
+  return (f'{network} at {height}x{width}'
+          f'{f" (training crops {crop[0]}x{crop[1]})" if crop else ""} on '
+          f'{config.data.data_dir}; batch {config.batch_size}, {config.num_epochs} epochs, '
+          f'{config.optimizer} {config.learning_rate:g} {config.lr_schedule}, class weights '
+          f'{config.class_weighting}')
 
 
 def main(argv):
