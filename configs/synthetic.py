@@ -3,7 +3,10 @@ r"""The demo: a small CARLA-setting U-Net on generated synthetic road scenes.
     python -m unet_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
 
 Writes 480 scenes to data/synthetic on first use (the CARLA on-disk format),
-then trains at 64x96 for a few minutes on 2 CPU cores.
+then trains at 64x96 for 6 epochs. Expected on a 2-core CPU (`make demo`):
+about 2 minutes with scene generation, evaluation, prediction and export;
+validation pixel accuracy about 0.82 and mean IoU about 0.20 (0.822 / 0.205
+measured with seed 0).
 """
 
 from configs import carla
