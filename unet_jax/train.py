@@ -221,8 +221,9 @@ def compile_train_step(config, mesh, learning_rate_fn, class_weights):
   step = functools.partial(checked_train_step, ignore_label=config.ignore_label,
                            class_weights=class_weights, learning_rate_fn=learning_rate_fn,
                            lovasz_weight=float(config.lovasz_weight))
-  return jax.jit(step, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh), sharding.replicated(mesh)),
-                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)), donate_argnums=0)
+  replicated, batch = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  return jax.jit(step, in_shardings=(replicated, batch, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 
@@ -306,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
   p_eval_step = evaluation.compile_eval_step(config, mesh, model)
   # Made under jit: device_put cannot place a host value on other processes' devices.
-  dropout_key = jax.jit(lambda: initial_keys(config.seed)[1], out_shardings=sharding.replicated(mesh))()
+  dropout_key = jax.jit(lambda: initial_keys(config.seed)[1],
+                        out_shardings=sharding.replicated(mesh))()
 
   writer = metric_logging.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                        resume_step=start_step)
