@@ -16,13 +16,15 @@ finished run is not trained again, and several invocations on the same
 workdir (one per recipe, say, sharing one GPU) can run at the same time. The
 table covers pixel accuracy, mean IoU and the IoU of the classes that matter
 most for driving, with wall time and training images/s; over several seeds,
-mean ± standard deviation. `<workdir>/comparison.json` holds every figure.
+mean ± standard deviation. `<workdir>/comparison.json` (`comparison_tta_*.json`
+with test-time augmentation) holds every figure.
 
 `--eval_size=480,640` scores every recipe on whole frames at that size (the
 CARLA frames' native size), whatever size it trains at: each frame goes to
 the model at the recipe's `data.image_size` and the class probabilities come
 back to the frame's pixels (unet_jax.tta). `--tta_flip` and `--tta_scales`
-add test-time augmentation to that evaluation.
+add test-time augmentation to that evaluation; on finished runs they score
+the trained model again (into `result_tta_*.json`) without training.
 """
 
 import ast
@@ -135,21 +137,37 @@ def evaluate_at(config, workdir: str, eval_size, flip: bool = False, scales=(1.0
   return evaluation.evaluate(evaluation.compile_eval_step(frames, mesh, model, apply_fn), variables, data)
 
 
+def result_name(flip: bool = False, scales=(1.0,)) -> str:
+  """The file a run's figures go to: `result.json`, or with test-time
+  augmentation one file per setting, so that a trained run can be scored both ways."""
+  scales = tuple(tta.parse_scales(scales))
+  if not flip and scales == (1.0,):
+    return 'result.json'
+  return 'result_tta' + ('_flip' if flip else '') + '_' + ','.join(f'{s:g}' for s in scales) + '.json'
+
+
 def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
             workdir: pathlib.Path, eval_size=(), flip: bool = False, scales=(1.0,)) -> dict:
-  """Trains (or resumes) one run; its figures, also left in `result.json`.
+  """Trains (or resumes) one run; its figures, also left in `result_name(...)`.
 
   With eval_size (or test-time augmentation) the figures are those of
-  `evaluate_at`; otherwise those of training's last evaluation.
+  `evaluate_at`; otherwise those of training's last evaluation. A run that
+  finished (its `result.json` exists) is scored again with other test-time
+  augmentation without training.
   """
-  result_file = workdir / 'result.json'
+  result_file = workdir / result_name(flip, scales)
   if result_file.exists():
     return json.loads(result_file.read_text())
   config = build_config(spec, overrides, seed, split)
-  start = time.perf_counter()
-  summary = train.train_and_evaluate(config, str(workdir))
-  wall = time.perf_counter() - start
-  if eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,):
+  trained = workdir / 'result.json'
+  if trained.exists():  # scored before without test-time augmentation
+    wall = json.loads(trained.read_text())['wall_seconds']
+    summary = None
+  else:
+    start = time.perf_counter()
+    summary = train.train_and_evaluate(config, str(workdir))
+    wall = time.perf_counter() - start
+  if summary is None or eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,):
     summary = evaluate_at(config, str(workdir), eval_size or config.data.image_size, flip, scales)
   # Images/s from the run's own log (excludes evaluation, and holds for resumed runs).
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -207,8 +225,9 @@ def main(argv):
     for seed in SEEDS.value:
       workdir = root / name / f'seed{seed}'
       if REPORT_ONLY.value:
-        if (workdir / 'result.json').exists():
-          results.append(json.loads((workdir / 'result.json').read_text()))
+        result_file = workdir / result_name(TTA_FLIP.value, TTA_SCALES.value)
+        if result_file.exists():
+          results.append(json.loads(result_file.read_text()))
         continue
       logging.info('Recipe %s (%s %s), seed %s', name, spec, ';'.join(overrides), seed)
       results.append(run_one(name, spec, [*OVERRIDES.value, *overrides], int(seed), SPLIT.value,
@@ -217,7 +236,8 @@ def main(argv):
   if not results:
     print('No finished runs.')
     return
-  (root / 'comparison.json').write_text(json.dumps(results, indent=2))
+  comparison = result_name(TTA_FLIP.value, TTA_SCALES.value).replace('result', 'comparison', 1)
+  (root / comparison).write_text(json.dumps(results, indent=2))
   print(table(results))
   print()
   print('Per-class IoU:')

@@ -68,10 +68,19 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   overrides = [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
                "data.split_key='name'", 'data.validation_fraction=0.25',
                'data.test_fraction=0.0', f'data.prepared_dir={tmp_path / "prepared"}']
+  plain = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
+                                  tmp_path / 'run', eval_size=[48, 64])
+  log = (tmp_path / 'run' / 'metrics.jsonl').read_text()
+  # The finished run scored again with test-time augmentation: no training.
   result = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
                                    tmp_path / 'run', eval_size=[48, 64], flip=True)
+  assert (tmp_path / 'run' / 'metrics.jsonl').read_text() == log
+  assert (tmp_path / 'run' / 'result_tta_flip_1.json').exists()
   assert result['image_size'] == [32, 32] and result['eval_size'] == [48, 64]
   assert result['tta'] == {'flip': True, 'scales': [1.0]}
+  assert plain['tta'] == {'flip': False, 'scales': [1.0]}
+  assert result['wall_seconds'] == plain['wall_seconds']
+  assert json.loads((tmp_path / 'run' / 'result.json').read_text())['mean_iou'] == plain['mean_iou']
   config = compare_recipes.build_config(f'{CARLA}:smoke', overrides, 0, 'validation')
   summary = compare_recipes.evaluate_at(config, str(tmp_path / 'run'), (48, 64))
   names = [f.stem for f in (tmp_path / 'scenes' / 'CameraRGB').glob('*.png')]

@@ -6,11 +6,16 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO, saved_params, tiny_config
 from unet_jax import checkpointing
+from unet_jax import evaluation
+from unet_jax import input_pipeline
+from unet_jax import models
+from unet_jax import sharding
 from unet_jax import train
 
 
@@ -52,9 +57,10 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(synthetic_dir, tmp_
 
 
 def test_levers_on_train_and_resume_exactly(synthetic_dir, tmp_path):
-  # Training crops with scale jitter, rare-class sampling and the Lovasz term.
+  # Training crops with scale jitter, rare-class sampling, the Lovasz term and
+  # the weight average (which the checkpoints' model variables are).
   config = tiny_config(synthetic_dir, **{'data.train_crop_size': (16, 24), 'lovasz_weight': 0.5,
-                                         'data.rare_boost': 3.0,
+                                         'data.rare_boost': 3.0, 'ema_decay': 0.9,
                                          'data.augment.scale_range': (0.7, 1.3)})
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   assert np.isfinite(straight['loss'])
@@ -111,3 +117,26 @@ def test_one_and_eight_devices_reach_the_same_loss_and_parameters(synthetic_dir,
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
   np.testing.assert_allclose(saved_params(tmp_path / 'eight')[1], saved_params(tmp_path / 'one')[1],
                              atol=1e-4)
+
+
+def test_a_weight_averaged_run_evaluates_and_serves_its_average(synthetic_dir, tmp_path):
+  config = tiny_config(synthetic_dir, ema_decay=0.8, num_epochs=3)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  restored_config, variables, _ = checkpointing.restore_model(str(tmp_path), 'latest')
+  # restore_model gives the average, not the last weights ...
+  manager = checkpointing.create_manager(str(tmp_path), restored_config, read_only=True)
+  raw = manager.restore(manager.latest_step())['state']
+  manager.close()
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+  np.testing.assert_array_equal(flat(variables), flat(raw['ema']))
+  assert not np.allclose(flat(variables['params']), flat(raw['params']), atol=1e-4)
+  # ... and the training's evaluation scored that average.
+  mesh = sharding.create_mesh()
+  data = input_pipeline.create_datasets(restored_config, mesh)[config.eval_split]
+  model = models.unet_from_config(restored_config.model)
+  again = evaluation.evaluate(evaluation.compile_eval_step(restored_config, mesh, model),
+                              variables, data)
+  np.testing.assert_array_equal(again['confusion_matrix'], final['confusion_matrix'])
+  # Turning the average on or off for a workdir is refused by name.
+  with pytest.raises(ValueError, match=r'ema_decay: checkpoint 0\.8, config 0\.0'):
+    train.train_and_evaluate(tiny_config(synthetic_dir, num_epochs=4), str(tmp_path))

@@ -107,3 +107,29 @@ def test_lovasz_weight_adds_the_lovasz_term_to_the_loss():
   _, metrics = step(state, batch, jax.random.key(1))
   assert float(metrics['loss']) == pytest.approx(float(expected), rel=1e-5)
   assert float(metrics['loss']) > float(loss_sum / weight_sum) + 0.05
+
+
+def test_weight_average_follows_the_hand_computed_update():
+  config = _tiny_config()
+  config.ema_decay = 0.9
+  config.learning_rate = 1e-2
+  _, _, state, step = _setup(config)
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+  variables = lambda s: flat(train.model_variables(s))
+  np.testing.assert_array_equal(flat(state.ema), variables(state))  # starts at the weights
+  ema = variables(state)
+  for i in range(3):
+    state, _ = step(state, _batch(config, seed=i), jax.random.key(1))
+    decay = min(0.9, (1 + i) / (10 + i))  # 0.1, 0.18, 0.25: the early, lower decay
+    ema = decay * ema + (1 - decay) * variables(state)
+    np.testing.assert_allclose(flat(state.ema), ema, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(flat(state.ema), variables(state), atol=1e-4)
+  assert float(train.ema_decay_at(10_000, 0.9)) == pytest.approx(0.9)
+
+
+def test_without_weight_average_the_state_keeps_none():
+  config = _tiny_config()
+  _, _, state, step = _setup(config)
+  state, _ = step(state, _batch(config), jax.random.key(1))
+  assert state.ema is None
+  assert train.eval_variables(state) is not None

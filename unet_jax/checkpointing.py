@@ -86,8 +86,11 @@ def create_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpo
 
 
 def state_arrays(state) -> dict:
-  return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
-          'batch_stats': state.batch_stats}
+  arrays = {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
+            'batch_stats': state.batch_stats}
+  if state.ema is not None:  # config.ema_decay > 0: the weight average
+    arrays['ema'] = state.ema
+  return arrays
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, mean_iou: float | None = None):
@@ -162,7 +165,8 @@ def restore_or_keep(manager: ocp.CheckpointManager, state, config, workdir: str)
       manager.reload()
       continue
     return state.replace(step=arrays['step'], params=arrays['params'],
-                         opt_state=arrays['opt_state'], batch_stats=arrays['batch_stats'])
+                         opt_state=arrays['opt_state'], batch_stats=arrays['batch_stats'],
+                         ema=arrays.get('ema'))
   logging.warning('no checkpoint in %s could be read; training starts from scratch.', workdir)
   return state
 
@@ -190,7 +194,8 @@ def restore_model(workdir: str, checkpoint: str = 'best', sharding=None):
 
   Reads only the model's part of a training checkpoint (parameters and
   batch-norm statistics, not the optimizer state), against the shapes of
-  `models.unet_from_config(config.model)`; no optimizer is built.
+  `models.unet_from_config(config.model)`; no optimizer is built. A run
+  trained with `ema_decay` > 0 gives its weight average, which it evaluated.
 
   Args:
     workdir: a training workdir (config.json and checkpoints/).
@@ -215,10 +220,15 @@ def restore_model(workdir: str, checkpoint: str = 'best', sharding=None):
     step = select_step(manager, checkpoint, workdir)
     sharding = sharding or sharding_lib.replicated(sharding_lib.create_mesh())
     template = model_template(config, sharding)
+    averaged = config.get('ema_decay', 0.0) > 0
+    if averaged:
+      template = {'ema': template}
     restore_args = ocp.checkpoint_utils.construct_restore_args(template)
     try:
       variables = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=template, restore_args=restore_args, partial_restore=True)))['state']
+      if averaged:
+        variables = variables['ema']
     except Exception as error:  # pylint: disable=broad-except
       # TensorStore and Orbax raise many types for damaged files.
       raise unreadable(workdir, step, manager.all_steps(), error) from error
@@ -243,6 +253,10 @@ def check_same_model(saved, config, workdir: str) -> None:
     before = saved.model.get(key, ADDED_MODEL_FIELDS.get(key))
     if _plain(before) != _plain(value):
       differences.append(f'model.{key}: checkpoint {before!r}, config {value!r}')
+  averaged = (saved.get('ema_decay', 0.0) > 0, config.get('ema_decay', 0.0) > 0)
+  if averaged[0] != averaged[1]:
+    differences.append(f'ema_decay: checkpoint {saved.get("ema_decay", 0.0)}, config '
+                       f'{config.get("ema_decay", 0.0)} (a weight average is kept only with > 0)')
   if tuple(saved.data.image_size) != tuple(config.data.image_size):
     differences.append(f'data.image_size: checkpoint {tuple(saved.data.image_size)}, '
                        f'config {tuple(config.data.image_size)}')

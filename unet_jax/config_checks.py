@@ -144,6 +144,7 @@ RULES: dict[str, Rule] = {
     'class_weighting': one_of('none', 'inverse', 'median'),
     'class_weight_max': number(0, low_open=True),
     'lovasz_weight': number(0),
+    'ema_decay': number(0, 1, high_open=True),
     'encoder_learning_rate_multiplier': number(0),
     # ---- loop ----
     'log_every_steps': integer(1),

@@ -37,6 +37,10 @@ from unet_jax import sharding
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # With config.ema_decay > 0: the moving average of the model variables
+  # ({'params', ['batch_stats']}), which evaluation, checkpoints' best step
+  # and inference use; None otherwise.
+  ema: Any = None
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
@@ -108,9 +112,12 @@ def create_train_state(config, model: nn.Module, learning_rate_fn, key,
   if variables is None:
     height, width = config.data.image_size
     variables = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
+  ema = None
+  if config.get('ema_decay', 0.0):
+    ema = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            tx=create_optimizer(config, learning_rate_fn),
-                           batch_stats=variables.get('batch_stats'))
+                           batch_stats=variables.get('batch_stats'), ema=ema)
 
 
 def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
@@ -154,12 +161,33 @@ def model_variables(state: TrainState) -> dict:
   return variables
 
 
+def eval_variables(state: TrainState) -> dict:
+  """The variables evaluation and checkpoints' best step use: the moving
+  average when the run keeps one, else the current ones."""
+  return state.ema if state.ema is not None else model_variables(state)
+
+
+def ema_decay_at(step, decay: float):
+  """The averaging decay at `step`: `decay`, or less early on,
+  min(decay, (1 + step) / (10 + step)), so that the average soon forgets the
+  initial weights whatever the length of the run."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: dict, variables: dict, step, decay: float) -> dict:
+  """ema <- d * ema + (1 - d) * variables, with d = ema_decay_at(step, decay)."""
+  return optax.tree_utils.tree_update_moment(variables, ema, ema_decay_at(step, decay), 1)
+
+
 def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int,
-               class_weights, learning_rate_fn, lovasz_weight: float = 0.0):
+               class_weights, learning_rate_fn, lovasz_weight: float = 0.0,
+               ema_decay: float = 0.0):
   """One optimisation step; returns the new state and summable metrics.
 
   The loss is the (class-weighted) cross-entropy, plus lovasz_weight times
-  the Lovasz-softmax loss when that is > 0.
+  the Lovasz-softmax loss when that is > 0. With ema_decay > 0 the state's
+  moving average of the variables follows the new ones (`update_ema`).
   """
   key = jax.random.fold_in(dropout_key, state.step)
   labels = batch['label']
@@ -185,6 +213,9 @@ def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int
   new_state = state.apply_gradients(grads=grads)
   if state.batch_stats is not None:
     new_state = new_state.replace(batch_stats=updates['batch_stats'])
+  if state.ema is not None:
+    new_state = new_state.replace(
+        ema=update_ema(state.ema, model_variables(new_state), state.step, ema_decay))
 
   num_classes = logits.shape[-1]
   counted = (labels >= 0) & (labels < num_classes) & (labels != ignore_label)
@@ -209,18 +240,19 @@ def all_finite(tree) -> jax.Array:
 
 def checked_train_step(state: TrainState, batch: dict, dropout_key, **kwargs):
   """`train_step`, with metrics['state_finite']: the new parameters, batch-norm
-  statistics and optimizer moments are all finite. Computed inside the step
+  statistics, optimizer moments (and weight average) are all finite. Computed inside the step
   (a few reductions) and read only at the log steps that precede every save."""
   new_state, metrics = train_step(state, batch, dropout_key, **kwargs)
   metrics['state_finite'] = all_finite((new_state.params, new_state.batch_stats,
-                                        new_state.opt_state))
+                                        new_state.opt_state, new_state.ema))
   return new_state, metrics
 
 
 def compile_train_step(config, mesh, learning_rate_fn, class_weights):
   step = functools.partial(checked_train_step, ignore_label=config.ignore_label,
                            class_weights=class_weights, learning_rate_fn=learning_rate_fn,
-                           lovasz_weight=float(config.lovasz_weight))
+                           lovasz_weight=float(config.lovasz_weight),
+                           ema_decay=float(config.get('ema_decay', 0.0)))
   replicated, batch = sharding.replicated(mesh), sharding.data_sharded(mesh)
   return jax.jit(step, in_shardings=(replicated, batch, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
@@ -353,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         end_of_epoch = epoch + 1
         if end_of_epoch % config.eval_every_epochs == 0 or end_of_epoch == config.num_epochs:
-          last_eval = evaluation.evaluate(p_eval_step, model_variables(state), eval_data)
+          last_eval = evaluation.evaluate(p_eval_step, eval_variables(state), eval_data)
           writer.write(step, {**_eval_scalars(config.eval_split, last_eval),
                               'epoch': end_of_epoch}, echo=False)
           checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
@@ -361,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        config.eval_split, last_eval['pixel_accuracy'], last_eval['mean_iou'])
 
     if not last_eval:  # a finished run started again: nothing trained, report only
-      last_eval = evaluation.evaluate(p_eval_step, model_variables(state), eval_data)
+      last_eval = evaluation.evaluate(p_eval_step, eval_variables(state), eval_data)
     checkpointing.save(checkpoints, step, state, mean_iou=last_eval['mean_iou'])
   finally:
     # Whatever ends the run, the checkpoints already started are completed.
