@@ -12,8 +12,9 @@ class weights capped at 5 so that rare classes (vehicles, poles,
 pedestrians) are learnt at all. Validation is half of the recordings
 (README, Data). The quality levers are here, off: at 4 epochs none of
 `data.train_crop_size`, `data.rare_boost` and `lovasz_weight` helped this
-network; `ema_decay` (weight averaging) was measured on the pretrained model
-(README, Quality on recordings the model never saw).
+network; `ema_decay` (weight averaging) and `data.augment.copy_paste` were
+measured on the pretrained model (README, Quality on recordings the model
+never saw).
 
 Expected: on one H200 (jax 0.11.2) about 45 s a run; validation mean IoU
 0.233 +- 0.012 over 3 seeds (pixel accuracy 0.826) on the earlier 258-frame
@@ -85,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.brightness = 0.2  # colour jitter amplitudes; 0 is off
   config.data.augment.contrast = 0.2
   config.data.augment.saturation = 0.2
+  # Copy-paste: this share of training examples receives the data.rare_classes
+  # pixels of a donor frame (drawn by its rare content, mirrored half the
+  # time) at their place in the frame; 0 is off.
+  config.data.augment.copy_paste = 0.0
   # (height, width): train on random crops of this size of the frames at
   # image_size, scaled by augment.scale_range first; evaluation and prediction
   # take whole frames. () trains on whole frames.

@@ -440,3 +440,95 @@ def test_rare_boost_weights_the_split_by_its_own_frame_counts(scenes, mesh):
   first = np.asarray(next(train.train_batches(3))['label'])
   for row, index in enumerate(drawn[0]):
     np.testing.assert_array_equal(first[row], train.load_example(index)[1])
+
+
+# ---- copy-paste ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('xp', [np, jnp], ids=['numpy', 'jax'])
+def test_paste_objects_by_hand(xp):
+  label = np.array([[0, 1, 1], [2, 2, 0]], np.uint8)
+  image = np.zeros((2, 3, 3), np.float32)
+  donor_label = np.array([[4, 7, 5], [0, 4, 4]], np.uint8)  # classes 4 and 5 are pasted
+  donor_image = np.arange(18, dtype=np.float32).reshape(2, 3, 3) / 18
+  paste = lambda mirrored, pasted=True: tuple(map(np.asarray, augmentation.paste_objects(
+      xp, xp.asarray(image), xp.asarray(label), xp.asarray(donor_image), xp.asarray(donor_label),
+      (4, 5), xp.asarray(mirrored), xp.asarray(pasted))))
+  out_image, out_label = paste(False)
+  np.testing.assert_array_equal(out_label, [[4, 1, 5], [2, 4, 4]])
+  taken = np.array([[1, 0, 1], [0, 1, 1]], bool)
+  np.testing.assert_array_equal(out_image[taken], donor_image[taken])
+  np.testing.assert_array_equal(out_image[~taken], 0)
+  assert out_image.dtype == np.float32 and out_label.dtype == np.uint8
+  # Mirrored: the donor's rows read right to left, [5, 7, 4] and [4, 4, 0].
+  out_image, out_label = paste(True)
+  np.testing.assert_array_equal(out_label, [[5, 1, 4], [4, 4, 0]])
+  np.testing.assert_array_equal(out_image[0, 0], donor_image[0, 2])
+  np.testing.assert_array_equal(out_image[1, 1], donor_image[1, 1])
+  # Not pasted: the example unchanged.
+  out_image, out_label = paste(True, pasted=False)
+  np.testing.assert_array_equal(out_label, label)
+  np.testing.assert_array_equal(out_image, image)
+
+
+def test_rare_content_by_hand():
+  counts = np.array([[0, 0], [2, 10], [4, 0]])  # class means 2 and 10/3
+  np.testing.assert_allclose(schedules.rare_content(counts, [0, 1]), [0, 2, 1])
+  np.testing.assert_allclose(schedules.rare_content(counts[:, :1] * 0, [0]), [0, 0, 0])
+
+
+def test_paste_donors_follow_rare_content_and_the_probability():
+  content = np.array([0.0, 1.0, 3.0, 0.0])
+  donors = np.concatenate([schedules.paste_donors(content, 50, 0.4, seed=0, epoch=e)
+                           for e in range(400)])
+  assert donors.shape == (20000, 2) and donors.dtype == np.int32
+  pasted = donors[:, 0] >= 0
+  # 20,000 slots: standard errors about 0.004 on each share.
+  assert abs(pasted.mean() - 0.4) < 0.02
+  frequency = np.bincount(donors[pasted, 0], minlength=4) / pasted.sum()
+  np.testing.assert_allclose(frequency, [0, 0.25, 0.75, 0], atol=0.02)
+  assert abs(donors[:, 1].mean() - 0.5) < 0.02 and set(np.unique(donors[:, 1])) == {0, 1}
+  np.testing.assert_array_equal(schedules.paste_donors(content, 50, 0.4, 0, 7),
+                                schedules.paste_donors(content, 50, 0.4, 0, 7))
+  assert (schedules.paste_donors(content, 50, 0.4, 0, 7) !=
+          schedules.paste_donors(content, 50, 0.4, 0, 8)).any()
+  # A split without rare pixels has no donor.
+  assert (schedules.paste_donors(np.zeros(4), 50, 1.0, 0, 0)[:, 0] == -1).all()
+
+
+def test_both_modes_paste_the_drawn_donors_objects(scenes, mesh):
+  def pasting(device_cache):
+    config = _config(scenes, device_cache=device_cache, rare_classes=('Pedestrian', 'Vehicles'))
+    config.data.augment.copy_paste = 0.75
+    return ip.create_datasets(config, mesh)['train']
+
+  cached, streamed = pasting('always'), pasting('never')
+  assert cached.device_cached and not streamed.device_cached
+  content = streamed.donor_content()
+  np.testing.assert_allclose(content, schedules.rare_content(streamed.frame_class_counts(), [4, 10]))
+  epoch = 2
+  order = schedules.train_schedule(streamed.num_examples, 4, 0, epoch)
+  donors = schedules.paste_donors(content, order.size, 0.75, 0, epoch).reshape(*order.shape, 2)
+  assert (donors[..., 0] >= 0).any() and (donors[..., 0] < 0).any()
+  changed = 0
+  for step, (a, b) in enumerate(zip(_numpy(cached.train_batches(epoch)),
+                                    _numpy(streamed.train_batches(epoch)))):
+    np.testing.assert_allclose(a['image'], b['image'], atol=1e-6)
+    np.testing.assert_array_equal(a['label'], b['label'])
+    for column, index in enumerate(order[step]):
+      image, label = streamed.load_example(index)
+      donor, mirrored = donors[step, column]
+      if donor >= 0:
+        donor_image, donor_label = streamed.load_example(donor)
+        if mirrored:
+          donor_image, donor_label = donor_image[:, ::-1], donor_label[:, ::-1]
+        pasted = np.isin(donor_label, [4, 10])
+        image = np.where(pasted[..., None], donor_image, image)
+        label = np.where(pasted, donor_label, label)
+        changed += int((label != streamed.load_example(index)[1]).any())
+      np.testing.assert_array_equal(b['label'][column], label)
+      np.testing.assert_allclose(b['image'][column], image / 255.0, atol=1e-6)
+  assert changed > 0
+  # Evaluation is never pasted.
+  first = _numpy(streamed.eval_batches())[0]
+  np.testing.assert_array_equal(first['label'][0], streamed.load_example(0)[1])

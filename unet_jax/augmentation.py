@@ -7,6 +7,10 @@ numbers; `epoch_uniforms(num_examples, seed, epoch)` draws them for a whole
 epoch at once, row k for the epoch's k-th example (its slot), so the
 augmentation of an epoch is a pure function of (seed, epoch) and a resumed
 run sees the same examples.
+
+Copy-paste (`paste_objects`) is the one transformation that takes a second
+frame: the rare-class pixels of a donor (`schedules.paste_donors`) land on
+the example before its own flip, scale and crop.
 """
 
 import dataclasses
@@ -22,24 +26,45 @@ NUM_AUGMENT_UNIFORMS = 7
 class Augment:
   """Training augmentation. `crop_size` (height, width): the output is a crop
   of that size of the frame scaled by a factor in `scale_range`; None keeps
-  the frame's size (then scale > 1 zooms in and crops back to it)."""
+  the frame's size (then scale > 1 zooms in and crops back to it).
+  `copy_paste`: the share of examples that receive a donor frame's rare-class
+  pixels (`paste_objects`; the pipeline draws the donors)."""
   horizontal_flip: bool = False
   scale_range: tuple[float, float] = (1.0, 1.0)
   brightness: float = 0.0
   contrast: float = 0.0
   saturation: float = 0.0
   crop_size: tuple[int, int] | None = None
+  copy_paste: float = 0.0
 
   @classmethod
   def from_config(cls, augment, crop_size=None) -> 'Augment':
     return cls(bool(augment.horizontal_flip), tuple(float(s) for s in augment.scale_range),
                float(augment.brightness), float(augment.contrast), float(augment.saturation),
-               tuple(int(n) for n in crop_size) if crop_size else None)
+               tuple(int(n) for n in crop_size) if crop_size else None,
+               float(augment.get('copy_paste', 0.0)))
 
   @property
   def enabled(self) -> bool:
     return (self.horizontal_flip or self.scale_range != (1.0, 1.0) or
-            self.crop_size is not None or any((self.brightness, self.contrast, self.saturation)))
+            self.crop_size is not None or self.copy_paste > 0 or
+            any((self.brightness, self.contrast, self.saturation)))
+
+
+def paste_objects(xp, image, label, donor_image, donor_label, paste_classes, mirrored, pasted=True):
+  """Copy-paste: the donor's pixels of `paste_classes` replace the example's.
+
+  image/donor_image [H, W, 3] and label/donor_label [H, W] at the same size;
+  the donor is mirrored left-right first if `mirrored`; nothing changes where
+  `pasted` is false. Objects keep their place in the frame (a pedestrian on
+  the pavement stays on a pavement's side of the road) and pasted pixels take
+  the donor's label, so no label is ever invented.
+  """
+  donor_image = xp.where(mirrored, donor_image[:, ::-1], donor_image)
+  donor_label = xp.where(mirrored, donor_label[:, ::-1], donor_label)
+  mask = xp.isin(donor_label, xp.asarray(list(paste_classes), donor_label.dtype)) & pasted
+  return (xp.where(mask[..., None], donor_image, image).astype(image.dtype),
+          xp.where(mask, donor_label, label).astype(label.dtype))
 
 
 def _sample_positions(xp, out_length: int, in_length: int, scale, start_fraction, flip):
@@ -101,8 +126,6 @@ def augment_example(xp, image, label, uniforms, augment: Augment):
   if augment.brightness:
     image = image + augment.brightness * (2 * uniforms[4] - 1)
   return xp.clip(image, 0.0, 1.0).astype(xp.float32), label
-
-
 
 
 def epoch_uniforms(num_examples: int, seed: int, epoch: int) -> np.ndarray:

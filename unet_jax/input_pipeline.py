@@ -12,7 +12,10 @@ run exactly. Row k of `epoch_uniforms` drives the k-th example of the epoch
 options shape training examples: `data.train_crop_size` trains on random
 crops of the frames (scaled by `augment.scale_range` first) while evaluation
 sees whole frames, and `data.rare_boost` draws frames holding rare classes
-more often (`rare_frame_weights`). Two ways to deliver batches:
+more often (`rare_frame_weights`), and `data.augment.copy_paste` pastes
+the rare-class pixels of donor frames (drawn by rare content, per slot, a
+pure function of (seed, epoch) like the rest) onto training examples. Two
+ways to deliver batches:
 
 * device cache: the preprocessed split lives on the devices as uint8
   (replicated) and one jitted function gathers and augments each batch there;
@@ -118,6 +121,7 @@ class SegmentationData:
     self._frame_counts = None
     self._rare_classes = tuple(rare_classes)
     self._rare_boost = float(rare_boost)
+    self._donor_content = None
     # Training examples: the crop size, or whole frames.
     self.train_image_size = augment.crop_size or self.image_size
     self.train_label_size = (models.output_size(self.train_image_size, *label_geometry)
@@ -147,10 +151,15 @@ class SegmentationData:
     return preprocessing.resize_pair(example['image'], example['segmentation_mask'][..., 0], self.image_size)
 
   def _host_example(self, example):
-    index, valid, uniforms = example
+    index, valid, uniforms, donor = example
     image, label = self.load_example(index)
     image = image.astype(np.float32) / 255.0
     label_size = self.label_size
+    if donor is not None and donor[0] >= 0:
+      donor_image, donor_label = self.load_example(donor[0])
+      image, label = augmentation.paste_objects(
+          np, image, label, donor_image.astype(np.float32) / 255.0, donor_label,
+          self._rare_classes, bool(donor[1]))
     if uniforms is not None:
       image, label = augmentation.augment_example(np, image, label, uniforms, self._augment)
       label_size = self.train_label_size
@@ -158,17 +167,22 @@ class SegmentationData:
             'valid': np.bool_(valid)}
 
   def host_batches(self, indices: np.ndarray, valid: np.ndarray, *,
-                   uniforms: np.ndarray | None = None, process_index: int | None = None,
+                   uniforms: np.ndarray | None = None, donors: np.ndarray | None = None,
+                   process_index: int | None = None,
                    process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """numpy batches of this process's columns of the global [steps, B] schedule;
-    each example augmented with its row of `uniforms` [steps, B, 7] if given."""
+    each example augmented with its row of `uniforms` [steps, B, 7] if given,
+    after receiving the objects of its donor in `donors` [steps, B, 2]
+    (`schedules.paste_donors`) if given."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     columns = schedules.process_columns(self.global_batch_size, process_index, process_count)
-    rows = ([None] * indices[:, columns].size if uniforms is None
+    size = indices[:, columns].size
+    rows = ([None] * size if uniforms is None
             else list(uniforms[:, columns].reshape(-1, augmentation.NUM_AUGMENT_UNIFORMS)))
+    pastes = [None] * size if donors is None else donors[:, columns].reshape(-1, 2).tolist()
     local = list(zip(indices[:, columns].ravel().tolist(), valid[:, columns].ravel().tolist(),
-                     rows))
+                     rows, pastes))
     if not local:
       return iter(())
     local_batch = columns.stop - columns.start
@@ -180,7 +194,7 @@ class SegmentationData:
       iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
     return iter(iterable)
 
-  def _stream(self, indices, valid, *, uniforms):
+  def _stream(self, indices, valid, *, uniforms, donors=None):
     image_size, label_size = ((self.image_size, self.label_size) if uniforms is None
                               else (self.train_image_size, self.train_label_size))
     global_shapes = {
@@ -194,7 +208,7 @@ class SegmentationData:
                                                           global_shapes[key])
               for key, value in batch.items()}
 
-    return _prefetch_in_thread(self.host_batches(indices, valid, uniforms=uniforms),
+    return _prefetch_in_thread(self.host_batches(indices, valid, uniforms=uniforms, donors=donors),
                                to_global, self._prefetch)
 
   # ---- device cache ----
@@ -209,26 +223,28 @@ class SegmentationData:
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
     return {'images': put(images), 'labels': put(labels),
             'gather': jax.jit(functools.partial(_gather_batch, augment=self._augment,
+                                                paste_classes=self._rare_classes,
                                                 label_size=self.label_size,
                                                 train_label_size=self.train_label_size),
                               static_argnames='training',
                               out_shardings=(self._batch_sharding, self._replicated))}
 
-  def _from_cache(self, indices, valid, *, uniforms):
+  def _from_cache(self, indices, valid, *, uniforms, donors=None):
     cache = self._cache
     put = lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape)
     training = uniforms is not None
     # The same per-slot draws as the streaming path, so both modes train
     # identically; one table an epoch, indexed on the devices.
     uniforms = put(uniforms if training else np.zeros((1, 1, augmentation.NUM_AUGMENT_UNIFORMS), np.float32))
+    donors = put(donors if donors is not None else np.full((1, 1, 2), -1, np.int32))
     # The epoch's whole schedule goes to the devices once and the row counter
     # stays there: each step is one dispatch and no host-to-device copy (on
     # a GPU two small copies a step cost more than its short step hides).
     epoch_indices, epoch_valid = put(indices.astype(np.int32)), put(valid)
     row = put(np.int32(0))
     for _ in range(len(indices)):
-      batch, row = cache['gather'](cache['images'], cache['labels'], uniforms, epoch_indices,
-                                   epoch_valid, row, training=training)
+      batch, row = cache['gather'](cache['images'], cache['labels'], uniforms, donors,
+                                   epoch_indices, epoch_valid, row, training=training)
       yield batch
 
   # ---- public ----
@@ -239,18 +255,28 @@ class SegmentationData:
       return None
     return schedules.rare_frame_weights(self.frame_class_counts(), self._rare_classes, self._rare_boost)
 
+  def donor_content(self) -> np.ndarray:
+    """Each frame's rare content (`schedules.rare_content`): copy-paste draws donors by it."""
+    if self._donor_content is None:
+      self._donor_content = schedules.rare_content(self.frame_class_counts(), self._rare_classes)
+    return self._donor_content
+
   def train_batches(self, epoch: int, first_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Augmented batches of one epoch in the (seed, epoch) order, from step first_step."""
     indices = schedules.train_schedule(self.num_examples, self.global_batch_size, self._seed, epoch,
                              self.sampling_weights())
-    uniforms = None
+    uniforms = donors = None
     if self._augment.enabled:
       uniforms = augmentation.epoch_uniforms(self.num_examples, self._seed, epoch)[:indices.size]
       uniforms = uniforms.reshape(*indices.shape, augmentation.NUM_AUGMENT_UNIFORMS)[first_step:]
+    if self._augment.copy_paste > 0:
+      donors = schedules.paste_donors(self.donor_content(), indices.size, self._augment.copy_paste,
+                                      self._seed, epoch)
+      donors = donors.reshape(*indices.shape, 2)[first_step:]
     indices = indices[first_step:]
     valid = np.ones(indices.shape, bool)
     deliver = self._from_cache if self.device_cached else self._stream
-    return deliver(indices, valid, uniforms=uniforms)
+    return deliver(indices, valid, uniforms=uniforms, donors=donors)
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """Every example once, in order, not augmented; padding in the last batch has valid=False."""
@@ -282,14 +308,23 @@ class SegmentationData:
     return self.frame_class_counts().sum(axis=0)
 
 
-def _gather_batch(images, labels, uniforms, epoch_indices, epoch_valid, row, *,
-                  augment: augmentation.Augment, label_size, train_label_size, training: bool):
+def _gather_batch(images, labels, uniforms, donors, epoch_indices, epoch_valid, row, *,
+                  augment: augmentation.Augment, paste_classes, label_size, train_label_size,
+                  training: bool):
   """Device side: gathers the cached examples of `row` of the epoch's schedule,
-  augments them (training) with their rows of `uniforms` [steps, B, 7] and
-  crops labels. Returns the batch and the next row."""
+  pastes their donors' objects (`donors` [steps, B, 2], training with
+  copy-paste), augments them (training) with their rows of `uniforms`
+  [steps, B, 7] and crops labels. Returns the batch and the next row."""
   indices, valid = epoch_indices[row], epoch_valid[row]
   image = images[indices].astype(jnp.float32) / 255.0
   label = labels[indices]
+  if training and augment.copy_paste > 0:
+    donor, mirrored = donors[row, :, 0], donors[row, :, 1] > 0
+    safe = jnp.maximum(donor, 0)
+    paste = lambda x, y, dx, dy, m, p: augmentation.paste_objects(jnp, x, y, dx, dy, paste_classes,
+                                                                 m, p)
+    image, label = jax.vmap(paste)(image, label, images[safe].astype(jnp.float32) / 255.0,
+                                   labels[safe], mirrored, donor >= 0)
   if training:
     image, label = jax.vmap(lambda x, y, u: augmentation.augment_example(jnp, x, y, u, augment))(
         image, label, uniforms[row])
