@@ -25,12 +25,24 @@ the model at the recipe's `data.image_size` and the class probabilities come
 back to the frame's pixels (unet_jax.tta). `--tta_flip` and `--tta_scales`
 add test-time augmentation to that evaluation; on finished runs they score
 the trained model again (into `result_tta_*.json`) without training.
+
+`--parallel=N` trains N runs at a time side by side, each in its own process
+(one accelerator shared, its memory allocated as needed), with its console
+in `<workdir>/<recipe>/seed<k>/log.txt`; the table follows when all are done.
+A run that fails is named with its log and the command exits non-zero after
+the table of the others. On one GPU small runs then keep it busy together:
+
+    python scripts/compare_recipes.py --parallel=9 --seeds=0,1,2 --eval_size=480,640 \
+        --configs=configs/carla_lab.py,configs/carla.py,configs/carla_pretrained.py \
+        --workdir=runs/quality --set=data.data_dir=/path/to/carla
 """
 
 import ast
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -66,6 +78,8 @@ EVAL_SIZE = flags.DEFINE_list('eval_size', [], 'height,width to score whole fram
                               '480,640, native CARLA); empty: each recipe at its own size.')
 TTA_FLIP = flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
 TTA_SCALES = flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales.')
+PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained at a time, each in its own '
+                                'process (1: one after the other in this one).')
 REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Train nothing: print the table of the '
                                 'runs that have finished.')
 
@@ -213,6 +227,41 @@ def table(results: list[dict], class_names=REPORTED_CLASSES) -> str:
   return '\n'.join(rows)
 
 
+def child_command(name: str, spec: str, overrides: list[str], seed: int) -> list[str]:
+  """The command line that trains one (recipe, seed) in a process of its own,
+  with this invocation's shared flags."""
+  command = [sys.executable, str(pathlib.Path(__file__).resolve()), '--parallel=1',
+             f'--workdir={WORKDIR.value}', f'--seeds={seed}', f'--split={SPLIT.value}',
+             f'--recipe={name}=' + ';'.join([spec, *overrides]),
+             f'--tta_scales={",".join(TTA_SCALES.value)}',
+             '--tta_flip' if TTA_FLIP.value else '--notta_flip']
+  if EVAL_SIZE.value:
+    command.append(f'--eval_size={",".join(EVAL_SIZE.value)}')
+  return command + [f'--set={assignment}' for assignment in OVERRIDES.value]
+
+
+def run_side_by_side(jobs: list[tuple[list[str], pathlib.Path]], parallel: int) -> list[str]:
+  """Runs each (command, log file) job, `parallel` at a time; the failures' lines."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')  # share one accelerator
+  pending, running, failures = list(jobs), [], []
+  while pending or running:
+    while pending and len(running) < parallel:
+      command, log = pending.pop(0)
+      log.parent.mkdir(parents=True, exist_ok=True)
+      with open(log, 'ab') as out:
+        running.append((subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env),
+                        log))
+    time.sleep(0.2)
+    for process, log in list(running):
+      if process.poll() is not None:
+        running.remove((process, log))
+        if process.returncode:
+          failures.append(f'{log.parent}: failed (exit status {process.returncode}); see {log}')
+        else:
+          logging.info('Finished %s', log.parent)
+  return failures
+
+
 def main(argv):
   xla_flags.set_default_flags()  # before JAX starts: XLA reads XLA_FLAGS once
   if len(argv) > 1:
@@ -220,11 +269,18 @@ def main(argv):
   console.setup(verbose=cli.verbose())
   root = pathlib.Path(WORKDIR.value)
   root.mkdir(parents=True, exist_ok=True)
-  results = []
-  for name, (spec, overrides) in parse_recipes(CONFIGS.value, RECIPES.value).items():
+  results, failures = [], []
+  recipes = parse_recipes(CONFIGS.value, RECIPES.value)
+  if PARALLEL.value > 1 and not REPORT_ONLY.value:
+    jobs = [(child_command(name, spec, overrides, int(seed)), root / name / f'seed{seed}' / 'log.txt')
+            for name, (spec, overrides) in recipes.items() for seed in SEEDS.value]
+    logging.info('Training %d runs, %d at a time; their consoles go to <run>/log.txt', len(jobs),
+                 PARALLEL.value)
+    failures = run_side_by_side(jobs, PARALLEL.value)
+  for name, (spec, overrides) in recipes.items():
     for seed in SEEDS.value:
       workdir = root / name / f'seed{seed}'
-      if REPORT_ONLY.value:
+      if REPORT_ONLY.value or PARALLEL.value > 1:
         result_file = workdir / result_name(TTA_FLIP.value, TTA_SCALES.value)
         if result_file.exists():
           results.append(json.loads(result_file.read_text()))
@@ -233,9 +289,11 @@ def main(argv):
       results.append(run_one(name, spec, [*OVERRIDES.value, *overrides], int(seed), SPLIT.value,
                              workdir, [int(n) for n in EVAL_SIZE.value], TTA_FLIP.value,
                              TTA_SCALES.value))
+  for line in failures:
+    print(line)
   if not results:
     print('No finished runs.')
-    return
+    return 1 if failures else None
   comparison = result_name(TTA_FLIP.value, TTA_SCALES.value).replace('result', 'comparison', 1)
   (root / comparison).write_text(json.dumps(results, indent=2))
   print(table(results))
@@ -245,6 +303,7 @@ def main(argv):
              if any(not np.isnan(r['per_class_iou'][classes.CLASS_NAMES.index(c)])
                     for r in results)]
   print(table(results, class_names=present))
+  return 1 if failures else None
 
 
 if __name__ == '__main__':

@@ -3,6 +3,9 @@
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 from absl import app
 import pytest
@@ -87,3 +90,35 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   frames = sum(carla_dataset.split_of(n, 'name', 0.25, 0.0) == 'validation' for n in names)
   assert frames >= 1 and summary['confusion_matrix'].sum() == frames * 48 * 64
   assert 0 <= summary['mean_iou'] <= 1
+
+
+def test_parallel_runs_match_serial_ones_and_failures_are_named(tmp_path):
+  sets = [f'--set=data.data_dir={tmp_path / "scenes"}', '--set=data.synthetic_scenes=12',
+          "--set=data.split_key='name'", '--set=data.validation_fraction=0.25',
+          '--set=data.test_fraction=0.0', f'--set=data.prepared_dir={tmp_path / "prepared"}']
+  script = str(REPO / 'scripts' / 'compare_recipes.py')
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+
+  def compare(workdir, *args):
+    return subprocess.run([sys.executable, script, f'--workdir={tmp_path / workdir}', *sets, *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+  # Prepare the scenes once, so that the side-by-side runs only read them.
+  serial = compare('serial', '--seeds=1', f'--recipe=tiny={CARLA}:smoke')
+  assert serial.returncode == 0, serial.stderr
+  side_by_side = compare('parallel', '--parallel=3', '--seeds=0,1',
+                         f'--recipe=tiny={CARLA}:smoke',
+                         f'--recipe=broken={CARLA}:smoke;model.nonexistent=1')
+  assert side_by_side.returncode == 1
+  runs = tmp_path / 'parallel'
+  for seed in (0, 1):
+    assert (runs / 'tiny' / f'seed{seed}' / 'result.json').exists()
+  for seed in (0, 1):
+    line = f'{runs / "broken" / f"seed{seed}"}: failed (exit status 1); see '
+    assert line in side_by_side.stdout
+    assert 'no field model.nonexistent' in (runs / 'broken' / f'seed{seed}' / 'log.txt').read_text()
+  assert '| tiny | 2 |' in side_by_side.stdout
+  # A run in its own process trains exactly as the same run in the serial loop.
+  a = json.loads((runs / 'tiny' / 'seed1' / 'result.json').read_text())
+  b = json.loads((tmp_path / 'serial' / 'tiny' / 'seed1' / 'result.json').read_text())
+  assert a['per_class_iou'] == b['per_class_iou'] and a['mean_iou'] == b['mean_iou']
