@@ -121,7 +121,6 @@ class SegmentationData:
     self._frame_counts = None
     self._rare_classes = tuple(rare_classes)
     self._rare_boost = float(rare_boost)
-    self._donor_content = None
     # Training examples: the crop size, or whole frames.
     self.train_image_size = augment.crop_size or self.image_size
     self.train_label_size = (models.output_size(self.train_image_size, *label_geometry)
@@ -257,9 +256,7 @@ class SegmentationData:
 
   def donor_content(self) -> np.ndarray:
     """Each frame's rare content (`schedules.rare_content`): copy-paste draws donors by it."""
-    if self._donor_content is None:
-      self._donor_content = schedules.rare_content(self.frame_class_counts(), self._rare_classes)
-    return self._donor_content
+    return schedules.rare_content(self.frame_class_counts(), self._rare_classes)
 
   def train_batches(self, epoch: int, first_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Augmented batches of one epoch in the (seed, epoch) order, from step first_step."""
