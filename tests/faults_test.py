@@ -167,6 +167,11 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
     ({'data.image_size': (38, 32)}, 1, r'data.image_size: .*height 38 \(nearest valid: 36 or 40'),
     ({'model.dropout_rate': 1.0}, 1, r'model.dropout_rate must be a finite number in \[0, 1\)'),
     ({'num_epochs': 0}, 1, 'num_epochs must be an integer >= 1'),
+    ({'data.train_splits': ('train', 'test')}, 1,
+     "data.train_splits names 'test', but data.test_fraction is 0"),
+    ({'data.train_splits': ('validation',)}, 1,
+     "data.train_splits must be distinct split names, 'train' among them"),
+    ({'eval_split': 'test'}, 1, "eval_split is 'test', but data.test_fraction is 0"),
 ])
 def test_out_of_range_config_is_a_clear_error(tmp_path, overrides, num_devices, message):
   config = tiny_config(tmp_path / 'data', **overrides)

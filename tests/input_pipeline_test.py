@@ -244,6 +244,25 @@ def test_class_pixel_counts(datasets):
   np.testing.assert_array_equal(counts, expected)
 
 
+@pytest.mark.parametrize('device_cache', ['always', 'never'])
+def test_train_splits_trains_on_the_union_of_the_named_splits(scenes, mesh, device_cache):
+  held_out = ip.create_datasets(_config(scenes, device_cache=device_cache), mesh)
+  both = ip.create_datasets(_config(scenes, device_cache=device_cache,
+                                    train_splits=('train', 'validation')), mesh)
+  train, validation, union = held_out['train'], held_out['validation'], both['train']
+  assert union.splits == ('train', 'validation') and train.splits == ('train',)
+  assert union.num_examples == train.num_examples + validation.num_examples
+  assert union.steps_per_epoch == union.num_examples // 4 > train.steps_per_epoch
+  # The class weights and the rare-class sampler count the union's pixels.
+  np.testing.assert_array_equal(union.class_pixel_counts(),
+                                train.class_pixel_counts() + validation.class_pixel_counts())
+  # Every frame of both splits is drawn in an epoch, nothing else.
+  labels = lambda data: sorted(data.load_example(i)[1].tobytes() for i in range(data.num_examples))
+  assert labels(union) == sorted(labels(train) + labels(validation))
+  # The validation split itself is unchanged.
+  assert both['validation'].num_examples == validation.num_examples
+
+
 def test_both_modes_give_the_same_order_and_eval_data(scenes, mesh):
   cached = ip.create_datasets(_config(scenes, device_cache='always'), mesh)['train']
   streamed = ip.create_datasets(_config(scenes, device_cache='never'), mesh)['train']

@@ -131,6 +131,11 @@ RULES: dict[str, Rule] = {
     'data.train_crop_size': empty_or(pair(integer(1))),
     'data.rare_classes': class_names(),
     'data.rare_boost': number(0),
+    'data.train_splits': (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1 and
+                          len(set(v)) == len(v) and 'train' in v and
+                          all(s in ('train', 'validation', 'test') for s in v),
+                          "distinct split names, 'train' among them, each of 'train', "
+                          "'validation', 'test'"),
     # ---- optimisation ----
     'batch_size': integer(1),
     'num_epochs': integer(1),
@@ -204,6 +209,15 @@ def check_config(config, num_devices: int) -> None:
     require(config.data.validation_fraction + config.data.test_fraction < 1,
             'data.validation_fraction + data.test_fraction must be < 1 (training needs frames), '
             f'got {config.data.validation_fraction} + {config.data.test_fraction}')
+  if not bad & {'data.validation_fraction', 'data.test_fraction', 'data.train_splits',
+                'eval_split'}:
+    fractions = {'train': 1.0, 'validation': config.data.validation_fraction,
+                 'test': config.data.test_fraction}
+    for split in config.data.train_splits:
+      require(fractions[split] > 0,
+              f'data.train_splits names {split!r}, but data.{split}_fraction is 0')
+    require(fractions[config.eval_split] > 0,
+            f'eval_split is {config.eval_split!r}, but data.{config.eval_split}_fraction is 0')
   if not bad & {'model.upconv_kernel_size', 'model.padding'}:
     require(config.model.upconv_kernel_size == 2 or config.model.padding == 'SAME',
             'model.upconv_kernel_size=3 needs model.padding=\'SAME\'')

@@ -1,6 +1,9 @@
 """Input pipeline: prepared CARLA splits -> global batches sharded over 'data'.
 
-`create_datasets(config, mesh)` returns one `SegmentationData` per split.
+`create_datasets(config, mesh)` returns one `SegmentationData` per split;
+'train' reads the prepared splits named by `data.train_splits` (('train',
+'validation') trains on the validation frames too: the model to deploy once
+a recipe is chosen).
 Every batch is a dict of global jax.Arrays sharded `P('data')`:
 'image' float32 [B, H, W, 3] in [0, 1], 'label' int32 [B, h, w] (the model's
 output size: centre-cropped for VALID padding) and 'valid' bool [B].
@@ -102,9 +105,11 @@ class SegmentationData:
                label_geometry: tuple[int, str] = (1, 'SAME'),
                seed: int, augment: augmentation.Augment, num_classes: int, device_cache: bool,
                prefetch_batches: int = 2, num_workers: int = 0, rare_classes=(),
-               rare_boost: float = 0.0):
+               rare_boost: float = 0.0, splits: tuple[str, ...] = ()):
     self.name = name
-    self._source = carla_dataset.data_source(builder, name)
+    # The builder's splits read as this one: ('train', 'validation') trains on both.
+    self.splits = tuple(splits) or (name,)
+    self._source = carla_dataset.data_source(builder, '+'.join(self.splits))
     self._builder = builder
     self.num_examples = len(self._source)
     self.image_size = tuple(image_size)
@@ -288,7 +293,7 @@ class SegmentationData:
   def frame_class_counts(self) -> np.ndarray:
     """int64 [num_examples, num_classes]: label pixels per class of each frame, at label_size."""
     if self._frame_counts is None:
-      masks = carla_dataset.mask_source(self._builder, self.name)
+      masks = carla_dataset.mask_source(self._builder, '+'.join(self.splits))
       # The image stays encoded; only masks are decoded.
       def count(index):
         mask = masks[index]['segmentation_mask'][..., 0]
@@ -372,10 +377,12 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
       validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
       skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes))
   sizes = carla_dataset.split_sizes(builder)
+  train_splits = tuple(data.get('train_splits', ('train',)))  # checked by config_checks
   if data.device_cache not in ('auto', 'always', 'never'):
     raise ValueError(f"config.data.device_cache must be 'auto', 'always' or 'never', "
                      f'got {data.device_cache!r}')
-  total_mb = _cache_megabytes(sum(sizes.values()), image_size)
+  cached_examples = sum(sizes.values()) + sum(sizes[s] for s in train_splits if s != 'train')
+  total_mb = _cache_megabytes(cached_examples, image_size)
   device_cache = (data.device_cache == 'always' or
                   data.device_cache == 'auto' and total_mb <= data.device_cache_max_mb)
   return {
@@ -387,7 +394,8 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
           num_classes=config.model.num_classes, device_cache=device_cache,
           prefetch_batches=data.prefetch_batches, num_workers=data.num_workers,
           rare_classes=[classes.CLASS_NAMES.index(c) for c in data.get('rare_classes', ())],
-          rare_boost=data.get('rare_boost', 0.0))
+          rare_boost=data.get('rare_boost', 0.0),
+          splits=train_splits if name == 'train' else (name,))
       for name in carla_dataset.SPLITS if name in sizes
   }
 

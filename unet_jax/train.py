@@ -317,6 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   datasets = input_pipeline.create_datasets(config, mesh)
   train_data = datasets['train']
   eval_data = datasets[config.eval_split]
+  if config.eval_split != 'train' and config.eval_split in train_data.splits:
+    logging.warning('training on the %s split too (data.train_splits=%s): its figures are not '
+                    'held out', config.eval_split, '+'.join(train_data.splits))
   steps_per_epoch = train_data.steps_per_epoch
   total_steps = int(config.num_epochs * steps_per_epoch)
   if steps_per_epoch == 0:
