@@ -25,7 +25,8 @@ Quality on recordings the model never saw), on a 2-core CPU (AMD EPYC, jax
 (`--config.data.image_size='(128, 160)'`) took 120 to 141 minutes and reached
 mean IoU 0.234 +- 0.002, pixel accuracy 0.886 +- 0.004, Vehicles 0.41, Pole
 0.11, Pedestrian 0.00 (3 seeds); 0.245 +- 0.002 and 0.900 +- 0.003 with
-`--tta_flip --tta_scales=1.0,1.25,1.5` in evaluate and predict. The Lovasz term lifted mean IoU at 128x160 by +0.008
+`--tta_flip --tta_scales=1.0,1.25,1.5` in evaluate and predict. The Lovasz
+term lifted mean IoU at 128x160 by +0.008
 over 12 epochs (0.219 +- 0.003 against 0.211 +- 0.005, pixel accuracy 0.859
 against 0.845, 3 seeds, about 37 minutes a run); without it, 12 epochs at
 192x256 took 74 minutes and reached mean IoU 0.226, pixel accuracy 0.864,
