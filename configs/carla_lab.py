@@ -13,9 +13,9 @@ Expected (README, Results on real CARLA frames): on one H200 (jax 0.11.2),
 about 40 s a run; validation mean IoU 0.185 +- 0.016 over 3 seeds (pixel
 accuracy 0.870) on the earlier 258-frame split scored at 96x128; on recordings
 outside ../shared, 0.193 +- 0.015 at 640x480. On the current split, scored
-on whole 480x640 validation frames: mean IoU 0.194, pixel accuracy 0.893
-(seed 1; 99 minutes on one core of a 2-core AMD EPYC CPU, jax 0.12: its
-transposed convolutions are slow there).
+on whole 480x640 validation frames, 3 seeds: mean IoU 0.197 +- 0.003,
+pixel accuracy 0.890 +- 0.003 (100 to 125 minutes a run on one core of a
+2-core AMD EPYC CPU, jax 0.12: its transposed convolutions are slow there).
 """
 
 from configs import carla
