@@ -35,6 +35,39 @@ def test_split_is_a_pure_function_of_the_group_key():
   assert abs(counts['test'] / 20000 - 0.15) < 0.01
 
 
+def test_named_validation_groups_replace_the_validation_fraction():
+  names = [f'{block:03d}{frame:03d}' for block in range(40) for frame in range(3)]
+  named = ('004', '017')
+  splits = carla_dataset.assign_splits(names, 'recording', 0.5, 0.2, named)
+  assert sorted(splits['validation']) == [n for n in names if n[:3] in named]
+  # The other recordings train or test exactly as the hash sends them with no
+  # validation fraction: naming groups moves no frame between train and test.
+  for name in splits['train'] + splits['test']:
+    assert name in splits[carla_dataset.split_of(name, 'recording', 0.0, 0.2)]
+  assert splits['test'] and splits['train']
+  # A named group the data does not hold is an error that names it.
+  with pytest.raises(carla_dataset.SplitError, match=r"'099'.*the data holds 40"):
+    carla_dataset.assign_splits(names, 'recording', 0.5, 0.0, ('004', '099'))
+  # Naming every group leaves training empty: an error, with the remedy.
+  everything = tuple(f'{block:03d}' for block in range(40))
+  with pytest.raises(carla_dataset.SplitError, match='train would be empty.*fewer'):
+    carla_dataset.assign_splits(names, 'recording', 0.5, 0.0, everything)
+
+
+def test_prepared_copy_with_named_validation_groups(scenes, tmp_path):
+  hashed = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name',
+                                 validation_fraction=0.3, test_fraction=0.0)
+  named = (synthetic.scene_name(3), synthetic.scene_name(7))
+  builder = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name',
+                                  validation_fraction=0.3, test_fraction=0.0,
+                                  validation_groups=named)
+  assert builder.data_dir != hashed.data_dir  # its own prepared copy
+  validation = sorted(e['file_name'].decode()
+                      for e in carla_dataset.data_source(builder, 'validation'))
+  assert validation == sorted(named)
+  assert carla_dataset.split_sizes(builder) == {'train': 38, 'validation': 2}
+
+
 def test_builder_splits_features_and_metadata(scenes, tmp_path):
   builder = carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name')
   sizes = carla_dataset.split_sizes(builder)
@@ -167,6 +200,25 @@ def test_carla_config_split_of_the_real_frames(shared_carla_dir):
   assert {split: len(members) for split, members in splits.items()} == {'train': 315,
                                                                        'validation': 175}
   assert len(splits['validation']) >= len(names) / 3
+
+def test_named_split_of_the_real_frames_puts_pedestrians_in_both(shared_carla_dir):
+  # The split carla.py's comment and the README give: recording 009 trains,
+  # 006 validates; at least a third of the frames still validate.
+  named = ('000', '001', '006', '007', '018', '035', '064')
+  names = sorted(p.stem for p in (shared_carla_dir / 'CameraRGB').glob('*.png'))
+  splits = carla_dataset.assign_splits(names, 'recording', 0.5, 0.0, named)
+  recordings = {split: sorted({n[:3] for n in members}) for split, members in splits.items()}
+  assert recordings == {'train': ['002', '004', '009', '011', '013', '017', '022'],
+                        'validation': list(named)}
+  assert {split: len(m) for split, m in splits.items()} == {'train': 311, 'validation': 179}
+  assert len(splits['validation']) >= len(names) / 3
+  pedestrian = classes.CLASS_NAMES.index('Pedestrian')
+  pixels = {split: sum(int((carla_files.read_mask(
+                shared_carla_dir / 'CameraMask' / f'{n}.png') == pedestrian).sum())
+                for n in members if n[:3] in ('001', '009'))
+            for split, members in splits.items()}
+  assert pixels['train'] > 10_000 and pixels['validation'] > 10_000
+
 
 def test_prepared_copies_go_to_the_xdg_cache_never_into_the_data_folder(tmp_path, monkeypatch):
   monkeypatch.delenv('UNET_JAX_CACHE', raising=False)

@@ -179,6 +179,17 @@ def test_out_of_range_config_is_a_clear_error(tmp_path, overrides, num_devices, 
     config_checks.check_config(config, num_devices=num_devices)
 
 
+def test_named_validation_groups_count_as_a_validation_split(tmp_path):
+  # Validation named by groups needs no validation fraction.
+  config = tiny_config(tmp_path / 'data', **{'data.validation_fraction': 0.0,
+                                             'data.validation_groups': ('000000', '000001'),
+                                             'data.train_splits': ('train', 'validation')})
+  config_checks.check_config(config, num_devices=1)
+  config.data.validation_groups = ()
+  with pytest.raises(config_checks.ConfigError, match="eval_split is 'validation', but"):
+    config_checks.check_config(config, num_devices=1)
+
+
 def test_invalid_config_fails_before_touching_the_workdir(tmp_path):
   config = tiny_config(tmp_path / 'data', learning_rate=-1.0)
   with pytest.raises(config_checks.ConfigError):

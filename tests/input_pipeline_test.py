@@ -13,6 +13,7 @@ import pytest
 
 from configs import carla
 from unet_jax import augmentation
+from unet_jax import carla_files
 from unet_jax import input_pipeline as ip
 from unet_jax import models
 from unet_jax import preprocessing
@@ -261,6 +262,22 @@ def test_train_splits_trains_on_the_union_of_the_named_splits(scenes, mesh, devi
   assert labels(union) == sorted(labels(train) + labels(validation))
   # The validation split itself is unchanged.
   assert both['validation'].num_examples == validation.num_examples
+
+
+def test_named_validation_groups_reach_the_validation_split(scenes, mesh):
+  named = (synthetic.scene_name(2), synthetic.scene_name(11), synthetic.scene_name(20))
+  config = _config(scenes, validation_groups=named, validation_fraction=0.0, test_fraction=0.0)
+  datasets = ip.create_datasets(config, mesh)
+  validation = datasets['validation']
+  assert validation.num_examples == 3 and datasets['train'].num_examples == 27
+  # Exactly the named frames validate.
+  expected = []
+  for name in named:
+    image = np.asarray(carla_files.read_image(scenes / 'CameraRGB' / f'{name}.png'))
+    mask = np.asarray(carla_files.read_mask(scenes / 'CameraMask' / f'{name}.png'))
+    expected.append(preprocessing.resize_pair(image, mask, (32, 48))[1].tobytes())
+  got = [validation.load_example(i)[1].tobytes() for i in range(3)]
+  assert sorted(got) == sorted(expected)
 
 
 def test_both_modes_give_the_same_order_and_eval_data(scenes, mesh):

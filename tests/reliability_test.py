@@ -175,6 +175,10 @@ def test_an_unwritable_report_folder_fails_before_scoring(trained, tmp_path, mon
     ({'data.validation_fraction': 0.6, 'data.test_fraction': 0.5},
      r'validation_fraction \+ data.test_fraction must be < 1'),
     ({'distributed': 'maybe'}, 'distributed must be one of'),
+    ({'data.validation_groups': ('001', '001')},
+     r'data.validation_groups must be distinct non-empty strings'),
+    ({'data.validation_groups': ('001', '')},
+     r"data.validation_groups must be .* got \('001', ''\)"),
 ])
 def test_every_field_is_checked_before_the_workdir_or_data_is_touched(tmp_path, overrides,
                                                                       message):

@@ -7,7 +7,9 @@ validates every pair, writes ArrayRecord files into a cache outside it
 split back with random access and no TensorFlow.
 
 Splits are assigned by a stable hash (sha256) of a group key: the recording
-block (first three characters of the name, the default) or the name itself.
+block (first three characters of the name, the default) or the name itself;
+or the validation split is named outright (`validation_groups`), the rest
+training (and test, by hash).
 CARLA frames come from video, so a split by frame would leak near-identical
 neighbours into validation; and since a frame's split depends only on its
 own key, adding frames never moves existing ones.
@@ -47,9 +49,19 @@ def group_key(name: str, split_key: str) -> str:
   raise ValueError(f"split_key must be one of {SPLIT_KEYS}, got {split_key!r}")
 
 
-def split_of(name: str, split_key: str, validation_fraction: float, test_fraction: float) -> str:
-  """'train', 'validation' or 'test' for a frame name: a pure function of its group key."""
-  digest = hashlib.sha256(group_key(name, split_key).encode()).digest()
+def split_of(name: str, split_key: str, validation_fraction: float, test_fraction: float,
+             validation_groups=()) -> str:
+  """'train', 'validation' or 'test' for a frame name: a pure function of its group key.
+
+  With `validation_groups` the frames of those groups validate and
+  `validation_fraction` is not used; the others train or, by hash, test.
+  """
+  key = group_key(name, split_key)
+  if validation_groups:
+    if key in validation_groups:
+      return 'validation'
+    validation_fraction = 0.0
+  digest = hashlib.sha256(key.encode()).digest()
   u = int.from_bytes(digest[:8], 'big') / 2.0**64  # uniform in [0, 1)
   if u < test_fraction:
     return 'test'
@@ -59,15 +71,32 @@ def split_of(name: str, split_key: str, validation_fraction: float, test_fractio
 
 
 def assign_splits(names, split_key: str, validation_fraction: float,
-                  test_fraction: float) -> dict[str, list[str]]:
-  """Names per split; a split whose fraction is 0 is absent, an empty one is an error."""
-  if min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
+                  test_fraction: float, validation_groups=()) -> dict[str, list[str]]:
+  """Names per split; a split whose fraction is 0 is absent, an empty one is an error.
+
+  `validation_groups` (group keys, e.g. recordings '001', '007') names the
+  validation split outright; each must occur among the names.
+  """
+  validation_groups = tuple(validation_groups)
+  if validation_groups:
+    keys = sorted({group_key(n, split_key) for n in names})
+    missing = sorted(set(validation_groups) - set(keys))
+    if missing:
+      raise SplitError(
+          f'validation_groups names {", ".join(map(repr, missing))}, but no frame has that '
+          f'{split_key} key (the data holds {len(keys)}: '
+          f'{", ".join(keys[:20])}{", ..." if len(keys) > 20 else ""})')
+  elif min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
     raise SplitError(f'validation_fraction={validation_fraction} and test_fraction={test_fraction} '
                      'must be >= 0 and leave a positive fraction for training')
-  fractions = {'train': 1.0, 'validation': validation_fraction, 'test': test_fraction}
-  splits = {s: [] for s in SPLITS if fractions[s] > 0}
+  if not 0 <= test_fraction < 1:
+    raise SplitError(f'test_fraction={test_fraction} must be in [0, 1)')
+  present = {'train': True, 'validation': bool(validation_groups) or validation_fraction > 0,
+             'test': test_fraction > 0}
+  splits = {s: [] for s in SPLITS if present[s]}
   for name in names:
-    splits[split_of(name, split_key, validation_fraction, test_fraction)].append(name)
+    splits[split_of(name, split_key, validation_fraction, test_fraction,
+                    validation_groups)].append(name)
   empty = [s for s, members in splits.items() if not members]
   if empty:
     groups = len({group_key(n, split_key) for n in names})
@@ -75,6 +104,8 @@ def assign_splits(names, split_key: str, validation_fraction: float,
                 'a split)', 'add frames']
     if split_key != 'name':
       remedies.insert(0, "use config.data.split_key='name' to split frame by frame")
+    if validation_groups:
+      remedies.insert(0, 'name fewer config.data.validation_groups')
     raise SplitError(
         f'split(s) {", ".join(empty)} would be empty: {len(names)} frames form only {groups} '
         f'group(s) by split_key={split_key!r}, and none hashed into them. To fix it, '
@@ -87,23 +118,31 @@ class CarlaConfig(tfds.core.BuilderConfig):
   split_key: str = 'recording'
   validation_fraction: float = 0.15
   test_fraction: float = 0.15
+  validation_groups: tuple[str, ...] = ()
   skip_bad_pairs: bool = False
   num_classes: int = classes.NUM_CLASSES
   content: str = ''  # carla_files.fingerprint of the folder
 
 
 def builder_config(data_dir, *, split_key='recording', validation_fraction=0.15,
-                   test_fraction=0.15, skip_bad_pairs=False,
+                   test_fraction=0.15, validation_groups=(), skip_bad_pairs=False,
                    num_classes=classes.NUM_CLASSES) -> CarlaConfig:
   content = carla_files.fingerprint(data_dir)
   group_key('000000', split_key)  # validates split_key early
+  validation_groups = tuple(sorted(set(validation_groups)))
+  if validation_groups:  # the named groups replace the validation fraction in the name
+    groups = hashlib.sha256('+'.join(validation_groups).encode()).hexdigest()
+    validation = f'valg{len(validation_groups)}x{groups[:8]}'
+  else:
+    validation = f'val{validation_fraction:g}'
   # The folder's own hash keeps copies of different folders apart when they
   # share a prepared_dir; the content hash tells old copies from new.
   folder = hashlib.sha256(os.fspath(pathlib.Path(data_dir).resolve()).encode()).hexdigest()
-  name = (f'{split_key}-val{validation_fraction:g}-test{test_fraction:g}'
+  name = (f'{split_key}-{validation}-test{test_fraction:g}'
           f'{"-skipbad" if skip_bad_pairs else ""}-c{num_classes}-{folder[:8]}-{content[:16]}')
   return CarlaConfig(name=name, split_key=split_key, validation_fraction=validation_fraction,
-                     test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
+                     test_fraction=test_fraction, validation_groups=validation_groups,
+                     skip_bad_pairs=skip_bad_pairs,
                      num_classes=num_classes, content=content)
 
 
@@ -162,7 +201,7 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
                                        config.skip_bad_pairs)
     by_name = {pair.name: pair for pair in pairs}
     splits = assign_splits(list(by_name), config.split_key, config.validation_fraction,
-                           config.test_fraction)
+                           config.test_fraction, config.validation_groups)
     return {split: self._generate_examples([by_name[n] for n in names])
             for split, names in splits.items()}
 
@@ -203,12 +242,14 @@ def _remove_stale_copies(builder: CarlaScenes) -> None:
 
 def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
             validation_fraction: float = 0.15, test_fraction: float = 0.15,
-            skip_bad_pairs: bool = False, num_classes: int = classes.NUM_CLASSES) -> CarlaScenes:
+            validation_groups=(), skip_bad_pairs: bool = False,
+            num_classes: int = classes.NUM_CLASSES) -> CarlaScenes:
   """Validates and prepares the folder (once per content and settings); returns the builder."""
   data_dir = pathlib.Path(data_dir)
   carla_files.list_pairs(data_dir)  # a missing or empty folder fails before anything is written
   config = builder_config(data_dir, split_key=split_key, validation_fraction=validation_fraction,
-                          test_fraction=test_fraction, skip_bad_pairs=skip_bad_pairs,
+                          test_fraction=test_fraction, validation_groups=validation_groups,
+                          skip_bad_pairs=skip_bad_pairs,
                           num_classes=num_classes)
   root = prepared_root(data_dir, prepared_dir)
   try:

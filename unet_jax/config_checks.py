@@ -116,6 +116,9 @@ RULES: dict[str, Rule] = {
     'data.split_key': one_of('recording', 'name'),
     'data.validation_fraction': number(0, 1, high_open=True),
     'data.test_fraction': number(0, 1, high_open=True),
+    'data.validation_groups': (lambda v: isinstance(v, (tuple, list)) and
+                               all(isinstance(g, str) and g for g in v) and len(set(v)) == len(v),
+                               'distinct non-empty strings (group keys, e.g. recordings)'),
     'data.skip_bad_pairs': boolean(),
     'data.device_cache': one_of('auto', 'always', 'never'),
     'data.device_cache_max_mb': number(0),
@@ -211,7 +214,8 @@ def check_config(config, num_devices: int) -> None:
             f'got {config.data.validation_fraction} + {config.data.test_fraction}')
   if not bad & {'data.validation_fraction', 'data.test_fraction', 'data.train_splits',
                 'eval_split'}:
-    fractions = {'train': 1.0, 'validation': config.data.validation_fraction,
+    named = 'data.validation_groups' not in bad and bool(config.data.validation_groups)
+    fractions = {'train': 1.0, 'validation': 1.0 if named else config.data.validation_fraction,
                  'test': config.data.test_fraction}
     for split in config.data.train_splits:
       require(fractions[split] > 0,

@@ -375,6 +375,7 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
   builder = _in_process_order(lambda: carla_dataset.prepare(
       data_dir, prepared_dir=data.prepared_dir, split_key=data.split_key,
       validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
+      validation_groups=tuple(data.get('validation_groups', ())),
       skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes))
   sizes = carla_dataset.split_sizes(builder)
   train_splits = tuple(data.get('train_splits', ('train',)))  # checked by config_checks
