@@ -50,7 +50,8 @@ def test_named_validation_groups_replace_the_validation_fraction():
     carla_dataset.assign_splits(names, 'recording', 0.5, 0.0, ('004', '099'))
   # Naming every group leaves training empty: an error, with the remedy.
   everything = tuple(f'{block:03d}' for block in range(40))
-  with pytest.raises(carla_dataset.SplitError, match='train would be empty.*validation_groups names 40 of them.*fewer'):
+  with pytest.raises(carla_dataset.SplitError,
+                     match='train would be empty.*validation_groups names 40 of them.*fewer'):
     carla_dataset.assign_splits(names, 'recording', 0.5, 0.0, everything)
 
 

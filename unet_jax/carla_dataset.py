@@ -104,13 +104,11 @@ def assign_splits(names, split_key: str, validation_fraction: float,
                 'a split)', 'add frames']
     if split_key != 'name':
       remedies.insert(0, "use config.data.split_key='name' to split frame by frame")
+    reason = 'none hashed into them'
     if validation_groups:
       remedies.insert(0, 'name fewer config.data.validation_groups')
-    if validation_groups:
       reason = (f'validation_groups names {len(set(validation_groups))} of them and no other '
                 'landed there')
-    else:
-      reason = 'none hashed into them'
     raise SplitError(
         f'split(s) {", ".join(empty)} would be empty: {len(names)} frames form only {groups} '
         f'group(s) by split_key={split_key!r}, and {reason}. To fix it, '
