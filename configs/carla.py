@@ -101,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pixels of a donor frame (drawn by its rare content, mirrored half the
   # time) at their place in the frame; 0 is off.
   config.data.augment.copy_paste = 0.0
+  # Share of training windows placed over a pixel of one of data.rare_classes.
+  config.data.augment.rare_windows = 0.0
   # (height, width): train on random crops of this size of the frames at
   # image_size, scaled by augment.scale_range first; evaluation and prediction
   # take whole frames. () trains on whole frames.

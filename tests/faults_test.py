@@ -167,6 +167,8 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
     ({'data.image_size': (38, 32)}, 1, r'data.image_size: .*height 38 \(nearest valid: 36 or 40'),
     ({'model.dropout_rate': 1.0}, 1, r'model.dropout_rate must be a finite number in \[0, 1\)'),
     ({'num_epochs': 0}, 1, 'num_epochs must be an integer >= 1'),
+    ({'data.augment.rare_windows': 1.5}, 1,
+     r'data.augment.rare_windows must be a finite number in \[0, 1\]'),
     ({'data.train_splits': ('train', 'test')}, 1,
      "data.train_splits names 'test', but data.test_fraction is 0"),
     ({'data.train_splits': ('validation',)}, 1,

@@ -419,7 +419,8 @@ def test_crop_at_scale_one_is_a_window_of_the_frame():
 def test_both_modes_draw_the_same_crops_and_evaluate_whole_frames(scenes, mesh):
   def cropped(device_cache):
     config = _config(scenes, device_cache=device_cache, train_crop_size=(16, 24))
-    config.data.augment.update(horizontal_flip=True, scale_range=(0.8, 1.5), brightness=0.1)
+    config.data.augment.update(horizontal_flip=True, scale_range=(0.8, 1.5), brightness=0.1,
+                               rare_windows=0.5)
     return ip.create_datasets(config, mesh)
 
   cached, streamed = cropped('always'), cropped('never')
@@ -434,6 +435,71 @@ def test_both_modes_draw_the_same_crops_and_evaluate_whole_frames(scenes, mesh):
   for data in (cached, streamed):
     batch = next(data['validation'].eval_batches())
     assert batch['image'].shape == (4, 32, 48, 3) and batch['label'].shape == (4, 32, 48)
+
+
+# ---- rare-class windows -------------------------------------------------------------
+
+POLE, SIGN = 5, 12  # classes.CLASS_NAMES ids
+
+
+def _windows(xp, label, augment, draws, seed=0):
+  """Labels of `draws` augmentations of a blank image with `label`, and their uniforms."""
+  image = np.zeros(label.shape + (3,), np.float32)
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(draws):
+    uniforms = rng.random(augmentation.NUM_AUGMENT_UNIFORMS).astype(np.float32)
+    _, crop = augmentation.augment_example(xp, xp.asarray(image), xp.asarray(label),
+                                           xp.asarray(uniforms), augment)
+    out.append((np.asarray(crop), uniforms))
+  return out
+
+
+@pytest.mark.parametrize('xp', [np, jnp], ids=['numpy', 'jax'])
+def test_rare_windows_hold_the_rare_pixel_and_otherwise_change_nothing(xp):
+  label = np.zeros((40, 60), np.uint8)
+  label[33, 4] = POLE  # one pixel near the bottom-left corner
+  crop = dict(horizontal_flip=True, scale_range=(1.0, 2.0), crop_size=(16, 24))
+  placed = augmentation.Augment(**crop, rare_windows=0.4, rare_classes=(POLE, SIGN))
+  plain = augmentation.Augment(**crop)
+  windows = _windows(xp, label, placed, 60)
+  placed_draws = 0
+  for (out, uniforms), (reference, _) in zip(windows, _windows(xp, label, plain, 60)):
+    if uniforms[7] < 0.4:  # this draw's window goes over the pole pixel
+      placed_draws += 1
+      assert (out == POLE).any()
+    else:
+      np.testing.assert_array_equal(out, reference)
+  assert 10 < placed_draws < 50
+  # Without the lever most windows of this frame miss the pixel.
+  assert sum((out == POLE).any() for out, _ in _windows(xp, label, plain, 60)) < 20
+
+
+def test_rare_windows_choose_each_present_class_equally():
+  label = np.zeros((48, 64), np.uint8)
+  label[:20, :20] = POLE  # 400 pixels top left
+  label[45, 60] = SIGN    # one pixel bottom right; no 12x16 window holds both
+  augment = augmentation.Augment(crop_size=(12, 16), rare_windows=1.0,
+                                 rare_classes=(4, POLE, SIGN, 18))  # 4 and 18 absent
+  windows = [out for out, _ in _windows(np, label, augment, 400, seed=1)]
+  with_sign = np.mean([(out == SIGN).any() for out in windows])
+  with_pole = np.mean([(out == POLE).any() for out in windows])
+  assert 0.42 < with_sign < 0.58 and 0.42 < with_pole < 0.58
+  assert with_sign + with_pole == pytest.approx(1.0)
+  # A frame without rare pixels is cropped as without the lever.
+  empty = np.zeros_like(label)
+  plain = augmentation.Augment(crop_size=(12, 16))
+  for (a, _), (b, _) in zip(_windows(np, empty + 3, augment, 20), _windows(np, empty + 3, plain, 20)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rare_window_columns_leave_the_earlier_draws_as_they_were():
+  # Runs measured before the window columns existed keep their augmentation.
+  uniforms = augmentation.epoch_uniforms(50, seed=3, epoch=2)
+  assert uniforms.shape == (50, augmentation.NUM_AUGMENT_UNIFORMS)
+  np.testing.assert_array_equal(
+      uniforms[:, :7], np.random.default_rng([3, 2, 1]).random((50, 7), dtype=np.float32))
+  assert not np.array_equal(uniforms[:, 7:], uniforms[:, :3])
 
 
 # ---- rare-class sampling ------------------------------------------------------------

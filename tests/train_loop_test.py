@@ -57,11 +57,12 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(synthetic_dir, tmp_
 
 
 def test_levers_on_train_and_resume_exactly(synthetic_dir, tmp_path):
-  # Training crops with scale jitter, rare-class sampling, copy-paste, the
-  # Lovasz term and the weight average (which the checkpoints' model variables are).
+  # Training crops with scale jitter, rare-class sampling, copy-paste,
+  # rare-class windows, the Lovasz term and the weight average (which the checkpoints' model variables are).
   config = tiny_config(synthetic_dir, **{'data.train_crop_size': (16, 24), 'lovasz_weight': 0.5,
                                          'data.rare_boost': 3.0, 'ema_decay': 0.9,
                                          'data.augment.copy_paste': 0.5,
+                                         'data.augment.rare_windows': 0.5,
                                          'data.augment.scale_range': (0.7, 1.3)})
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   assert np.isfinite(straight['loss'])

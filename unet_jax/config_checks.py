@@ -131,6 +131,7 @@ RULES: dict[str, Rule] = {
     'data.augment.contrast': number(0, 1),
     'data.augment.saturation': number(0, 1),
     'data.augment.copy_paste': number(0, 1),
+    'data.augment.rare_windows': number(0, 1),
     'data.train_crop_size': empty_or(pair(integer(1))),
     'data.rare_classes': class_names(),
     'data.rare_boost': number(0),

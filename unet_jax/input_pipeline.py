@@ -15,10 +15,11 @@ run exactly. Row k of `epoch_uniforms` drives the k-th example of the epoch
 options shape training examples: `data.train_crop_size` trains on random
 crops of the frames (scaled by `augment.scale_range` first) while evaluation
 sees whole frames, and `data.rare_boost` draws frames holding rare classes
-more often (`rare_frame_weights`), and `data.augment.copy_paste` pastes
-the rare-class pixels of donor frames (drawn by rare content, per slot, a
-pure function of (seed, epoch) like the rest) onto training examples. Two
-ways to deliver batches:
+more often (`rare_frame_weights`), `data.augment.rare_windows` places that
+share of the crops over a rare-class pixel, and `data.augment.copy_paste`
+pastes the rare-class pixels of donor frames (drawn by rare content, per
+slot, a pure function of (seed, epoch) like the rest) onto training
+examples. Two ways to deliver batches:
 
 * device cache: the preprocessed split lives on the devices as uint8
   (replicated) and one jitted function gathers and augments each batch there;
@@ -386,15 +387,17 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
   total_mb = _cache_megabytes(cached_examples, image_size)
   device_cache = (data.device_cache == 'always' or
                   data.device_cache == 'auto' and total_mb <= data.device_cache_max_mb)
+  rare_ids = [classes.CLASS_NAMES.index(c) for c in data.get('rare_classes', ())]
   return {
       name: SegmentationData(
           name=name, builder=builder, image_size=image_size, label_size=label_size,
           label_geometry=(config.model.depth, config.model.padding),
           global_batch_size=config.batch_size, mesh=mesh, seed=config.seed,
-          augment=augmentation.Augment.from_config(data.augment, data.get('train_crop_size')),
+          augment=augmentation.Augment.from_config(data.augment, data.get('train_crop_size'),
+                                                   rare_ids),
           num_classes=config.model.num_classes, device_cache=device_cache,
           prefetch_batches=data.prefetch_batches, num_workers=data.num_workers,
-          rare_classes=[classes.CLASS_NAMES.index(c) for c in data.get('rare_classes', ())],
+          rare_classes=rare_ids,
           rare_boost=data.get('rare_boost', 0.0),
           splits=train_splits if name == 'train' else (name,))
       for name in carla_dataset.SPLITS if name in sizes
