@@ -34,7 +34,7 @@ epochs (the command above; 128 minutes a run on one core, two runs at once)
 reach pixel accuracy 0.895 +- 0.004, mean IoU 0.246 +- 0.009, Vehicles 0.46,
 Pole 0.17 +- 0.02 (2 seeds), and with `--tta_flip --tta_scales=0.75,1.0,1.25`
 0.903 +- 0.004 and 0.255 +- 0.011, Vehicles 0.48, Pole 0.20 (views at 1 to
-1.5 hurt this model: 0.236 for seed 0). The whole-128x160-frame recipe's 40
+1.5 gain nothing on average for this model: 0.246 +- 0.014). The whole-128x160-frame recipe's 40
 epochs
 (`--config.data.image_size='(128, 160)' --config.data.train_crop_size='()'
 --config.data.augment.scale_range='(1.0, 1.5)'`, 120 to 141 minutes) reached
