@@ -31,9 +31,9 @@ minutes and reach pixel accuracy 0.874 +- 0.004, mean IoU 0.225 +- 0.003, Pole
 +- 0.005. The same 12 epochs on whole 128x160 frames gave 0.859 +- 0.004,
 0.219 +- 0.003, Pole 0.065 +- 0.009 and Vehicles 0.36 +- 0.05. Its full 40
 epochs (the command above; 128 minutes a run on one core, two runs at once)
-reach pixel accuracy 0.895 +- 0.004, mean IoU 0.246 +- 0.009, Vehicles 0.46,
-Pole 0.17 +- 0.02 (2 seeds), and with `--tta_flip --tta_scales=0.75,1.0,1.25`
-0.903 +- 0.004 and 0.255 +- 0.011, Vehicles 0.48, Pole 0.20 (views at 1 to
+reach pixel accuracy 0.896 +- 0.004, mean IoU 0.248 +- 0.007, Vehicles 0.46,
+Pole 0.17 +- 0.02 (3 seeds), and with `--tta_flip --tta_scales=0.75,1.0,1.25`
+0.905 +- 0.004 and 0.257 +- 0.008, Vehicles 0.48, Pole 0.19 (views at 1 to
 1.5 gain nothing on average for this model: 0.246 +- 0.014). The whole-128x160-frame recipe's 40
 epochs
 (`--config.data.image_size='(128, 160)' --config.data.train_crop_size='()'
