@@ -34,8 +34,8 @@ epochs (the command above; 128 minutes a run on one core, two runs at once)
 reach pixel accuracy 0.896 +- 0.004, mean IoU 0.248 +- 0.007, Vehicles 0.46,
 Pole 0.17 +- 0.02 (3 seeds), and with `--tta_flip --tta_scales=0.75,1.0,1.25`
 0.905 +- 0.004 and 0.257 +- 0.008, Vehicles 0.48, Pole 0.19 (views at 1 to
-1.5 gain nothing on average for this model: 0.246 +- 0.014). The whole-128x160-frame recipe's 40
-epochs
+1.5 gain nothing on average for this model: 0.246 +- 0.014, 2 seeds). The
+whole-128x160-frame recipe's 40 epochs
 (`--config.data.image_size='(128, 160)' --config.data.train_crop_size='()'
 --config.data.augment.scale_range='(1.0, 1.5)'`, 120 to 141 minutes) reached
 mean IoU 0.234 +- 0.002, pixel accuracy 0.886 +- 0.004, Vehicles 0.41, Pole
