@@ -146,6 +146,24 @@ def test_a_bad_input_is_one_error_line_and_changes_nothing(trained, tmp_path, na
   assert not (tmp_path / 'out').exists()
 
 
+def test_a_derived_config_loads_from_any_directory(tmp_path):
+  # carla_pretrained.py imports carla.py: from outside the repository (and under
+  # the console script) that import must still resolve, so the run reaches the
+  # config checks and stops on the bad field with one line.
+  result = subprocess.run(
+      [sys.executable, '-m', 'unet_jax.main',
+       f'--config={REPO / "configs" / "carla_pretrained.py"}:smoke',
+       f'--workdir={tmp_path / "run"}', '--config.lovasz_weight=-1'],
+      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=120)
+  output = result.stdout + result.stderr
+  assert result.returncode == 1, output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+  assert result.stderr.rstrip().splitlines()[-1] == (
+      'error: invalid config: lovasz_weight must be a finite number >= 0, got -1.0')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_the_traceback_is_shown_on_request(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'unet_jax.synthetic', f'--output={tmp_path}', '--num_scenes=0',

@@ -9,6 +9,7 @@ traceback and every library's log lines.
 
 import os
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -82,8 +83,31 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def add_config_root(argv: list[str]) -> None:
+  """Lets a config file import its siblings (`from configs import carla`).
+
+  The config is loaded as a file while the flags are parsed, so its imports
+  resolve on `sys.path`, which holds the current directory under `python -m`
+  and not even that under the `unet-jax-train` script: the folder that holds
+  the config's folder goes first there, wherever the command runs from.
+  """
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    path = pathlib.Path(value.split(':', 1)[0])  # 'file.py:arg' passes `arg` to get_config
+    root = str(path.resolve().parent.parent)
+    if root not in sys.path:
+      sys.path.insert(0, root)
+    return
+
+
 def run() -> None:
   """The console script `unet-jax-train`."""
+  add_config_root(sys.argv)
   define_flags()
   cli.run(main)
 
