@@ -2,9 +2,12 @@
 
 import collections
 import importlib
+import json
 import pathlib
 import shutil
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -235,3 +238,44 @@ def test_prepared_copies_go_to_the_xdg_cache_never_into_the_data_folder(tmp_path
     data.chmod(0o755)
   assert pathlib.Path(builder.data_dir).is_relative_to(tmp_path / 'xdg' / 'unet_jax')
   assert sorted(str(p) for p in data.rglob('*')) == before
+
+
+_PREPARE_WHEN_TOLD = """
+import json, pathlib, sys, time
+from unet_jax import carla_dataset
+data, prepared, ready, go = sys.argv[1:]
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+  time.sleep(0.01)
+builder = carla_dataset.prepare(data, prepared_dir=prepared, split_key='name',
+                                validation_fraction=0.3, test_fraction=0.0)
+print(json.dumps([str(builder.data_dir), carla_dataset.split_sizes(builder)]))
+"""
+
+
+def test_processes_preparing_at_once_share_one_copy(tmp_path):
+  """Runs started side by side on a fresh cache (compare_recipes --parallel)
+  all prepare the same copy: none may fail on another's half-made folder."""
+  synthetic.write_scenes(tmp_path / 'data', 24, seed=0, size=(32, 48))
+  go = tmp_path / 'go'
+  children = []
+  for k in range(3):
+    ready = tmp_path / f'ready{k}'
+    children.append((ready, subprocess.Popen(
+        [sys.executable, '-c', _PREPARE_WHEN_TOLD, str(tmp_path / 'data'),
+         str(tmp_path / 'prepared'), str(ready), str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=pathlib.Path(__file__).resolve().parents[1])))
+  deadline = time.monotonic() + 120
+  while not all(ready.exists() for ready, _ in children) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  go.touch()  # every child has imported tfds: they start preparing together
+  outputs = []
+  for _, child in children:
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-2000:]
+    outputs.append(out.strip().splitlines()[-1])
+  assert len(set(outputs)) == 1, outputs
+  data_dir, sizes = json.loads(outputs[0])
+  assert sum(sizes.values()) == 24
+  assert len(list((tmp_path / 'prepared' / 'carla_scenes').iterdir())) == 1

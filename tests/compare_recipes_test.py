@@ -103,9 +103,7 @@ def test_parallel_runs_match_serial_ones_and_failures_are_named(tmp_path):
     return subprocess.run([sys.executable, script, f'--workdir={tmp_path / workdir}', *sets, *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
-  # Prepare the scenes once, so that the side-by-side runs only read them.
-  serial = compare('serial', '--seeds=1', f'--recipe=tiny={CARLA}:smoke')
-  assert serial.returncode == 0, serial.stderr
+  # Side by side on a fresh machine: the runs write the scenes and prepare them at once.
   side_by_side = compare('parallel', '--parallel=3', '--seeds=0,1',
                          f'--recipe=tiny={CARLA}:smoke',
                          f'--recipe=broken={CARLA}:smoke;model.nonexistent=1')
@@ -119,6 +117,8 @@ def test_parallel_runs_match_serial_ones_and_failures_are_named(tmp_path):
     assert 'no field model.nonexistent' in (runs / 'broken' / f'seed{seed}' / 'log.txt').read_text()
   assert '| tiny | 2 |' in side_by_side.stdout
   # A run in its own process trains exactly as the same run in the serial loop.
+  serial = compare('serial', '--seeds=1', f'--recipe=tiny={CARLA}:smoke')
+  assert serial.returncode == 0, serial.stderr
   a = json.loads((runs / 'tiny' / 'seed1' / 'result.json').read_text())
   b = json.loads((tmp_path / 'serial' / 'tiny' / 'seed1' / 'result.json').read_text())
   assert a['per_class_iou'] == b['per_class_iou'] and a['mean_iou'] == b['mean_iou']

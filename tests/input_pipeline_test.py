@@ -1,10 +1,12 @@
 """The input pipeline: preprocessing, augmentation, order, sharding, both delivery modes."""
 
+import concurrent.futures
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 from configs import carla
 from unet_jax import augmentation
 from unet_jax import carla_files
+from unet_jax import errors
 from unet_jax import input_pipeline as ip
 from unet_jax import models
 from unet_jax import preprocessing
@@ -634,3 +637,56 @@ def test_both_modes_paste_the_drawn_donors_objects(scenes, mesh):
   # Evaluation is never pasted.
   first = _numpy(streamed.eval_batches())[0]
   np.testing.assert_array_equal(first['label'][0], streamed.load_example(0)[1])
+
+
+def test_synthetic_scenes_written_at_once_are_one_whole_set(tmp_path):
+  """Runs started side by side on a fresh machine: each writes a whole set
+  and only the first to finish lands; the others use it."""
+  data = tmp_path / 'data' / 'synthetic'
+  start = threading.Barrier(3)
+
+  def write(seed):
+    start.wait()
+    ip.write_synthetic_scenes(data, 6, seed)
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    list(pool.map(write, range(3)))
+  written = {f.name: f.read_bytes() for f in sorted((data / 'CameraRGB').iterdir())}
+  assert len(written) == 6 and len(list((data / 'CameraMask').iterdir())) == 6
+  references = []
+  for seed in range(3):
+    synthetic.write_scenes(tmp_path / f'seed{seed}', 6, seed=seed, size=(480, 640))
+    references.append({f.name: f.read_bytes()
+                       for f in sorted((tmp_path / f'seed{seed}' / 'CameraRGB').iterdir())})
+  assert written in references  # one seed's whole set, not a mixture
+  assert sorted(p.name for p in data.parent.iterdir()) == ['synthetic']  # no partial folders
+
+
+def test_interrupted_synthetic_scenes_leave_no_partial_set(tmp_path, monkeypatch):
+  data = tmp_path / 'synthetic'
+  data.mkdir()  # an empty folder is filled like a missing one
+  write_one = synthetic._write_one
+  calls = []
+
+  def fail_on_the_fourth(*args):
+    calls.append(args)
+    if len(calls) == 4:
+      raise KeyboardInterrupt
+    return write_one(*args)
+
+  monkeypatch.setattr(synthetic, '_write_one', fail_on_the_fourth)
+  monkeypatch.setattr(synthetic.os, 'cpu_count', lambda: 1)  # scenes one after another
+  with pytest.raises(KeyboardInterrupt):
+    ip.write_synthetic_scenes(data, 8, seed=0)
+  assert not ip._has_frames(data)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['synthetic']
+  monkeypatch.setattr(synthetic, '_write_one', write_one)
+  ip.write_synthetic_scenes(data, 8, seed=0)
+  assert len(list((data / 'CameraRGB').glob('*.png'))) == 8
+
+
+def test_synthetic_scenes_refuse_a_folder_holding_other_files(tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  with pytest.raises(errors.UserError, match='holds no frames in CameraRGB/ but is not empty'):
+    ip.write_synthetic_scenes(tmp_path, 4, seed=0)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']

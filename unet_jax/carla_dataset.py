@@ -16,11 +16,15 @@ own key, adding frames never moves existing ones.
 
 The builder config's name carries the split settings and a fingerprint of
 the folder (file names and sizes), so changed data or settings give a new
-prepared copy instead of a stale one.
+prepared copy instead of a stale one. Processes preparing into one cache at
+once (runs started side by side on a fresh machine) take turns on a file
+lock there, and those that waited find the copy made.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -265,12 +269,29 @@ def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
     raise carla_files.BadDataError(
         f'{root}: the folder for prepared data is not writable; set config.data.prepared_dir '
         'or UNET_JAX_CACHE to a writable folder')
-  builder = CarlaScenes(data_dir=root, config=config)
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
-  _remove_stale_copies(builder)
+  with _preparing(root):
+    builder = CarlaScenes(data_dir=root, config=config)
+    builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
+    _remove_stale_copies(builder)
   return builder
+
+
+@contextlib.contextmanager
+def _preparing(root: pathlib.Path):
+  """Holds `root`'s lock: processes preparing at once (runs started side by side
+  on a fresh cache) take turns, and those that waited find the copy made."""
+  with open(root / '.lock', 'a') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('Another process is preparing data in %s; waiting for it', root)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def data_source(builder: CarlaScenes, split: str):

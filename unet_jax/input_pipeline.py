@@ -40,6 +40,8 @@ import functools
 import os
 import pathlib
 import queue
+import shutil
+import tempfile
 import threading
 
 import grain
@@ -345,6 +347,38 @@ def _has_frames(data_dir: pathlib.Path) -> bool:
   return folder.is_dir() and any(folder.glob('*.png'))
 
 
+def write_synthetic_scenes(data_dir: pathlib.Path, num_scenes: int, seed: int) -> None:
+  """Fills an empty or missing `data_dir` with synthetic scenes; leaves one with frames alone.
+
+  The scenes are written into a hidden sibling folder that is then renamed
+  into place: a run interrupted while writing leaves no partial set to be
+  mistaken for the data next time, and of runs writing at once (side by side
+  on a fresh machine) the first to finish wins and the others use its scenes.
+  """
+  if _has_frames(data_dir):
+    return
+  if data_dir.is_dir() and any(data_dir.iterdir()):
+    raise errors.UserError(f'{data_dir}: holds no frames in {carla_files.IMAGE_DIR}/ but is not '
+                           'empty; synthetic scenes go to a new or empty folder')
+  try:
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix=f'.{data_dir.name}.', suffix='.partial',
+                                            dir=data_dir.parent))
+  except OSError as error:
+    raise errors.UserError(f'{data_dir}: cannot write scenes there ({error.strerror or error})'
+                           ) from error
+  try:
+    synthetic.write_scenes(partial, num_scenes, seed=seed)
+    try:
+      os.rename(partial, data_dir)  # replaces a missing or empty folder, atomically
+    except OSError as error:
+      if not _has_frames(data_dir):  # not another run's scenes: a real failure
+        raise errors.UserError(f'{data_dir}: cannot move the scenes there '
+                               f'({error.strerror or error})') from error
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+
+
 def _in_process_order(work: Callable[[], object]) -> object:
   """Runs `work` on process 0 first, then on the others.
 
@@ -371,8 +405,8 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
   image_size = tuple(int(n) for n in data.image_size)
   label_size = models.label_size(config.model, image_size)
   if data.synthetic_scenes > 0 and not _has_frames(data_dir):
-    _in_process_order(lambda: _has_frames(data_dir) or synthetic.write_scenes(
-        data_dir, data.synthetic_scenes, seed=config.seed))
+    _in_process_order(lambda: write_synthetic_scenes(data_dir, data.synthetic_scenes,
+                                                     config.seed))
   builder = _in_process_order(lambda: carla_dataset.prepare(
       data_dir, prepared_dir=data.prepared_dir, split_key=data.split_key,
       validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
