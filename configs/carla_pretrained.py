@@ -29,10 +29,10 @@ Expected (validation recordings, scored on whole 480x640 frames; README,
 Quality on recordings the model never saw), on a 2-core CPU (AMD EPYC, jax
 0.12): the 40 epochs of the command above take 105 to 117 minutes alone (on
 a slower day's machine than the 79 below: the term costs the same at any
-weight) and reach pixel accuracy 0.914, mean IoU 0.263 +- 0.002 (0.262, 0.265), Vehicles
-0.50, RoadLine 0.42, Pole 0.20 (seeds 0 and 1); with `--tta_flip
---tta_scales=0.75,1.0,1.25` in evaluate and predict, 0.920 +- 0.001 and
-0.272 +- 0.002, Vehicles 0.52, Pole 0.23.
+weight) and reach pixel accuracy 0.913 +- 0.002, mean IoU 0.261 +- 0.004
+(0.262, 0.265, 0.258), Vehicles 0.50, RoadLine 0.44, Pole 0.19 (3 seeds);
+with `--tta_flip --tta_scales=0.75,1.0,1.25` in evaluate and predict, 0.920
++- 0.001 and 0.271 +- 0.002, Vehicles 0.52, Pole 0.23.
 At the Lovasz weight 0.5 (`--config.lovasz_weight=0.5`, 79 minutes alone,
 145 with two runs sharing the CPU) seeds 0, 1 and 2 gave 0.905 +-
 0.001 and 0.255 +- 0.005 (0.256, 0.260, 0.251), Vehicles 0.48, RoadLine
@@ -89,7 +89,7 @@ def get_config(arg: str | None = None):
   config.data.train_crop_size = (128, 160)
   config.data.augment.scale_range = (0.5, 1.0)
   # The term at 0.5: +0.008 mean IoU at 12 epochs, 3 seeds; at 2.0 instead of
-  # 0.5: +0.005 at 12 epochs (3 seeds) and at 40 (seeds 0 and 1) (README).
+  # 0.5: +0.005 at 12 epochs and +0.006 at 40 (3 seeds each) (README).
   config.lovasz_weight = 2.0
   # Every training window over a rare-class pixel where the frame has one:
   # +0.008 mean IoU, +0.009 pixel accuracy at 40 epochs, 3 seeds (README).
