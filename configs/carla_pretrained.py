@@ -58,7 +58,7 @@ on this recipe at 12 epochs a weight of 1.0 (`--config.lovasz_weight=1.0`)
 gave 0.887 +- 0.005 and 0.235 +- 0.006 against 0.880 +- 0.001 and 0.231 +-
 0.005 (each seed at least level), 2.0 gave 0.889 +- 0.003 and 0.236 +-
 0.004 (each seed above), Pole 0.14 against 0.12, and at 40 epochs each
-seed run so far gained +0.005 or more (above); the
+of the 3 seeds gained +0.005 or more (above); the
 encoder at a tenth of the decoder's learning rate
 (`encoder_learning_rate_multiplier=0.1`) did no better (0.217 +- 0.002, 2
 seeds). Pedestrian stays 0 on validation because the training recordings
