@@ -65,8 +65,9 @@ seeds), and batch 4 (`--config.batch_size=4`, twice the steps for the
 same images and time) beat batch 8 at every seed at 12 epochs: 0.243 +-
 0.004 against 0.236 +- 0.004, pixel accuracy level, Pole 0.16 against
 0.14; at 40 epochs seed 0 gave 0.271 against 0.262 (TTA 0.283 against
-0.271, Pole 0.26); the config keeps 8 until 3 seeds at 40 epochs say the same. Pedestrian stays 0
-on validation because the training recordings hold almost none (README); with recording 009's pedestrians moved into
+0.271, Pole 0.26); the config keeps 8 until 3 seeds at 40 epochs say
+the same. Pedestrian stays 0 on validation because the training recordings
+hold almost none (README); with recording 009's pedestrians moved into
 training (`data.validation_groups`, README) it is 0.002 at 12 epochs (seed 0)
 all the same.
 `get_config('smoke')` shrinks it to a seconds-long run.
