@@ -39,6 +39,7 @@ learning rate did no better (0.217 against 0.219 at 12 epochs, 2 seeds). Batch 4
 0.236 +- 0.004) and at 40 epochs on seed 0 (0.271 against 0.262); the
 config keeps 8 until the 40-epoch seeds are all in. Pedestrian stays near 0
 on validation because the training recordings hold almost none (README).
+
 `get_config('smoke')` shrinks it to a seconds-long run.
 """
 
