@@ -34,8 +34,8 @@ README's Quality table has every class and command): the Lovasz term at 2.0
 against 0.5, 0.261 against 0.255 at 40 epochs; rare-class windows against
 none, 0.255 against 0.248; 128x160 windows of 256x320 frames against whole
 128x160 frames, 0.248 against 0.234. The encoder at a tenth of the
-learning rate did no better (0.217 against 0.219 at 12 epochs, 2 seeds). Batch 4
-(`--config.batch_size=4`) beat batch 8 at 12 epochs (0.243 +- 0.004 against
+learning rate did no better (0.217 against 0.219 at 12 epochs, 2 seeds).
+Batch 4 (`--config.batch_size=4`) beat batch 8 at 12 epochs (0.243 +- 0.004 against
 0.236 +- 0.004) and at 40 epochs on seeds 0 and 1 (0.271 and 0.267 against
 0.262 and 0.265; with TTA 0.280 +- 0.004 against 0.272, Pole 0.26); the
 config keeps 8 until the 40-epoch seeds are all in. Pedestrian stays near 0
