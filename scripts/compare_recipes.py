@@ -29,6 +29,11 @@ the trained model again (into `result_tta_*.json`) without training.
 `--parallel=N` trains N runs at a time side by side, each in its own process
 (one accelerator shared, its memory allocated as needed), with its console
 in `<workdir>/<recipe>/seed<k>/log.txt`; the table follows when all are done.
+The runs of a recipe differ only in their seed, so they share compiled
+programs through JAX's persistent compilation cache (`<workdir>/compilation_cache`,
+or `JAX_COMPILATION_CACHE_DIR` where set): a recipe's first run starts
+alone and its other seeds once it has compiled (logged its first training
+steps), instead of every run compiling the same programs at once.
 A run that fails is named with its log and the command exits non-zero after
 the table of the others. On one GPU small runs then keep it busy together:
 
@@ -45,6 +50,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -80,6 +86,9 @@ TTA_FLIP = flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mir
 TTA_SCALES = flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales.')
 PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained at a time, each in its own '
                                 'process (1: one after the other in this one).')
+SHARE_COMPILATION = flags.DEFINE_bool(
+    'share_compilation', True, 'With --parallel: the seeds of a recipe reuse its first run\'s '
+    'compiled programs (persistent compilation cache) and start once it has compiled.')
 REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Train nothing: print the table of the '
                                 'runs that have finished.')
 
@@ -240,17 +249,57 @@ def child_command(name: str, spec: str, overrides: list[str], seed: int) -> list
   return command + [f'--set={assignment}' for assignment in OVERRIDES.value]
 
 
-def run_side_by_side(jobs: list[tuple[list[str], pathlib.Path]], parallel: int) -> list[str]:
-  """Runs each (command, log file) job, `parallel` at a time; the failures' lines."""
+class Job(NamedTuple):
+  """One (recipe, seed) in a process of its own; runs of one `group` share compiled programs."""
+  command: list[str]
+  log: pathlib.Path
+  group: str = ''
+
+
+def has_compiled(process, metrics: pathlib.Path, size_at_start: int) -> bool:
+  """Whether a group's first run has compiled: it wrote training metrics
+  since it started (its first log step), or it ended (finished or failed)."""
+  if process.poll() is not None:
+    return True
+  try:
+    return metrics.stat().st_size > size_at_start
+  except FileNotFoundError:
+    return False
+
+
+def next_job(pending: list[Job], may_start) -> int | None:
+  """The index of the first pending job whose group `may_start`, else None."""
+  return next((i for i, job in enumerate(pending) if may_start(job.group)), None)
+
+
+def run_side_by_side(jobs: list[Job], parallel: int, cache_dir: pathlib.Path | None = None
+                     ) -> list[str]:
+  """Runs the jobs, `parallel` at a time; the failures' lines.
+
+  With `cache_dir`, every job compiles through that persistent compilation
+  cache and a group's later jobs wait until its first one has compiled.
+  """
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')  # share one accelerator
+  if cache_dir is not None:
+    env.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache_dir))
+  first_of: dict[str, tuple] = {}  # group -> (process, metrics file, its size at start)
+
+  def may_start(group: str) -> bool:
+    if cache_dir is None or group not in first_of:
+      return True
+    return has_compiled(*first_of[group])
+
   pending, running, failures = list(jobs), [], []
   while pending or running:
-    while pending and len(running) < parallel:
-      command, log = pending.pop(0)
-      log.parent.mkdir(parents=True, exist_ok=True)
-      with open(log, 'ab') as out:
-        running.append((subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env),
-                        log))
+    while len(running) < parallel and (index := next_job(pending, may_start)) is not None:
+      job = pending.pop(index)
+      job.log.parent.mkdir(parents=True, exist_ok=True)
+      metrics = job.log.parent / 'metrics.jsonl'
+      size = metrics.stat().st_size if metrics.exists() else 0
+      with open(job.log, 'ab') as out:
+        process = subprocess.Popen(job.command, stdout=out, stderr=subprocess.STDOUT, env=env)
+      running.append((process, job.log))
+      first_of.setdefault(job.group, (process, metrics, size))
     time.sleep(0.2)
     for process, log in list(running):
       if process.poll() is not None:
@@ -272,11 +321,13 @@ def main(argv):
   results, failures = [], []
   recipes = parse_recipes(CONFIGS.value, RECIPES.value)
   if PARALLEL.value > 1 and not REPORT_ONLY.value:
-    jobs = [(child_command(name, spec, overrides, int(seed)), root / name / f'seed{seed}' / 'log.txt')
+    jobs = [Job(child_command(name, spec, overrides, int(seed)),
+                root / name / f'seed{seed}' / 'log.txt', name)
             for name, (spec, overrides) in recipes.items() for seed in SEEDS.value]
     logging.info('Training %d runs, %d at a time; their consoles go to <run>/log.txt', len(jobs),
                  PARALLEL.value)
-    failures = run_side_by_side(jobs, PARALLEL.value)
+    failures = run_side_by_side(jobs, PARALLEL.value,
+                                root / 'compilation_cache' if SHARE_COMPILATION.value else None)
   for name, (spec, overrides) in recipes.items():
     for seed in SEEDS.value:
       workdir = root / name / f'seed{seed}'

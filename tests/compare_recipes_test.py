@@ -92,12 +92,38 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   assert 0 <= summary['mean_iou'] <= 1
 
 
+class _Process:
+  def __init__(self, returncode=None):
+    self.returncode = returncode
+
+  def poll(self):
+    return self.returncode
+
+
+def test_a_recipes_other_seeds_wait_until_its_first_run_has_compiled(tmp_path):
+  metrics = tmp_path / 'metrics.jsonl'
+  assert not compare_recipes.has_compiled(_Process(), metrics, 0)  # no metrics yet
+  metrics.write_text('{"step": 10}\n')
+  assert compare_recipes.has_compiled(_Process(), metrics, 0)
+  # A resumed run: lines from before it started do not count.
+  assert not compare_recipes.has_compiled(_Process(), metrics, metrics.stat().st_size)
+  assert compare_recipes.has_compiled(_Process(returncode=1), tmp_path / 'absent', 0)  # it ended
+  job = lambda group: compare_recipes.Job([], tmp_path / 'log.txt', group)
+  pending = [job('a'), job('a'), job('b')]
+  assert compare_recipes.next_job(pending, lambda group: True) == 0
+  assert compare_recipes.next_job(pending, lambda group: group != 'a') == 2
+  assert compare_recipes.next_job(pending, lambda group: False) is None
+
+
 def test_parallel_runs_match_serial_ones_and_failures_are_named(tmp_path):
   sets = [f'--set=data.data_dir={tmp_path / "scenes"}', '--set=data.synthetic_scenes=12',
           "--set=data.split_key='name'", '--set=data.validation_fraction=0.25',
           '--set=data.test_fraction=0.0', f'--set=data.prepared_dir={tmp_path / "prepared"}']
   script = str(REPO / 'scripts' / 'compare_recipes.py')
-  env = dict(os.environ, PYTHONPATH=str(REPO))
+  # The runs' own cache (<workdir>/compilation_cache), not the test session's; tiny
+  # programs compile in under the cache's default 1 s threshold.
+  env = {name: value for name, value in os.environ.items() if name != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(PYTHONPATH=str(REPO), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
   def compare(workdir, *args):
     return subprocess.run([sys.executable, script, f'--workdir={tmp_path / workdir}', *sets, *args],
@@ -116,6 +142,9 @@ def test_parallel_runs_match_serial_ones_and_failures_are_named(tmp_path):
     assert line in side_by_side.stdout
     assert 'no field model.nonexistent' in (runs / 'broken' / f'seed{seed}' / 'log.txt').read_text()
   assert '| tiny | 2 |' in side_by_side.stdout
+  # The seeds shared compiled programs: the train step was compiled into the cache.
+  assert any(path.name.startswith('jit_checked_train_step')
+             for path in (runs / 'compilation_cache').iterdir())
   # A run in its own process trains exactly as the same run in the serial loop.
   serial = compare('serial', '--seeds=1', f'--recipe=tiny={CARLA}:smoke')
   assert serial.returncode == 0, serial.stderr
