@@ -32,7 +32,8 @@ epochs (3120 steps of batch 4) in 103 to 125 minutes alone, pixel accuracy
 IoU and 0.005 pixel accuracy (at every one of 3 seeds of the AdamW variant
 at 12 epochs; this config's seed 2 at 40 epochs: 0.274 against 0.270);
 four (`0.5,0.75,1.0,1.25`, 1.08 times the pixels) add 0.006 at 12 epochs
-(+0.005 to +0.008 a seed) for Pole 0.18 against 0.19 with three.
+(+0.005 to +0.008 a seed; seed 2 at 40 epochs: 0.278) for Pole 0.18
+against 0.19 with three.
 
 Each choice, measured against the one before it (mean IoU, 3 seeds; the
 README's Quality table has every class and command): the Lovasz term at 2.0
