@@ -176,7 +176,8 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   With eval_size (or test-time augmentation) the figures are those of
   `evaluate_at`; otherwise those of training's last evaluation. A run that
   finished (its `result.json` exists) is scored again with other test-time
-  augmentation without training.
+  augmentation without training. A run stopped by a signal (SIGTERM, Ctrl-C)
+  exits with its checkpoint and no figures, so the same command resumes it.
   """
   result_file = workdir / result_name(flip, scales)
   if result_file.exists():
@@ -190,6 +191,9 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, str(workdir))
     wall = time.perf_counter() - start
+    if summary.get('stopped'):  # a signal: score nothing, leave the run to resume
+      raise SystemExit(f'{workdir}: training stopped at step {summary["step"]} before its end; '
+                       'the same command resumes it.')
   if summary is None or eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,):
     summary = evaluate_at(config, str(workdir), eval_size or config.data.image_size, flip, scales)
   # Images/s from the run's own log (excludes evaluation, and holds for resumed runs).

@@ -92,6 +92,27 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   assert 0 <= summary['mean_iou'] <= 1
 
 
+def test_a_stopped_run_is_not_scored_and_the_same_call_resumes_it(tmp_path, monkeypatch):
+  overrides = [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
+               "data.split_key='name'", 'data.validation_fraction=0.25',
+               'data.test_fraction=0.0', f'data.prepared_dir={tmp_path / "prepared"}']
+  full = compare_recipes.train.train_and_evaluate
+  # What a SIGTERM does mid-run: a checkpoint, then a summary marked stopped.
+  monkeypatch.setattr(compare_recipes.train, 'train_and_evaluate',
+                      lambda config, workdir: full(config, workdir, stop_at_step=1))
+  with pytest.raises(SystemExit, match='stopped at step 1 .* resumes it'):
+    compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
+                            tmp_path / 'run', eval_size=[48, 64])
+  assert not list((tmp_path / 'run').glob('result*.json'))
+  monkeypatch.setattr(compare_recipes.train, 'train_and_evaluate', full)
+  result = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
+                                   tmp_path / 'run', eval_size=[48, 64])
+  steps = [json.loads(line)['step']
+           for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert steps[0] == 1 and max(steps) > 1 and (tmp_path / 'run' / 'result.json').exists()
+  assert 0 <= result['mean_iou'] <= 1
+
+
 class _Process:
   def __init__(self, returncode=None):
     self.returncode = returncode
