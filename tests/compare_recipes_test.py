@@ -67,10 +67,15 @@ def test_table_gives_mean_and_spread_over_seeds_and_skips_absent_classes():
   assert rows[3] == '| b | 1 | 0.700 | 0.300 | - | 10 | 5.0 |'
 
 
+def _tiny_scenes(tmp_path) -> list[str]:
+  """Overrides for 12 synthetic scenes in tmp_path, a quarter of them validation."""
+  return [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
+          "data.split_key='name'", 'data.validation_fraction=0.25',
+          'data.test_fraction=0.0', f'data.prepared_dir={tmp_path / "prepared"}']
+
+
 def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
-  overrides = [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
-               "data.split_key='name'", 'data.validation_fraction=0.25',
-               'data.test_fraction=0.0', f'data.prepared_dir={tmp_path / "prepared"}']
+  overrides = _tiny_scenes(tmp_path)
   plain = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
                                   tmp_path / 'run', eval_size=[48, 64])
   log = (tmp_path / 'run' / 'metrics.jsonl').read_text()
@@ -93,9 +98,7 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
 
 
 def test_a_stopped_run_is_not_scored_and_the_same_call_resumes_it(tmp_path, monkeypatch):
-  overrides = [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
-               "data.split_key='name'", 'data.validation_fraction=0.25',
-               'data.test_fraction=0.0', f'data.prepared_dir={tmp_path / "prepared"}']
+  overrides = _tiny_scenes(tmp_path)
   full = compare_recipes.train.train_and_evaluate
   # What a SIGTERM does mid-run: a checkpoint, then a summary marked stopped.
   monkeypatch.setattr(compare_recipes.train, 'train_and_evaluate',
