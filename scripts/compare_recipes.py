@@ -177,7 +177,8 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   `evaluate_at`; otherwise those of training's last evaluation. A run that
   finished (its `result.json` exists) is scored again with other test-time
   augmentation without training. A run stopped by a signal (SIGTERM, Ctrl-C)
-  exits with its checkpoint and no figures, so the same command resumes it.
+  exits with its checkpoint and no figures, so the same command resumes it;
+  the resumed run's wall time counts the stopped calls too.
   """
   result_file = workdir / result_name(flip, scales)
   if result_file.exists():
@@ -188,10 +189,13 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
     wall = json.loads(trained.read_text())['wall_seconds']
     summary = None
   else:
+    # Wall time of earlier calls that a signal stopped: a resumed run reports its whole time.
+    earlier = workdir / 'wall_seconds_before_resume'
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, str(workdir))
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start + (float(earlier.read_text()) if earlier.exists() else 0.0)
     if summary.get('stopped'):  # a signal: score nothing, leave the run to resume
+      earlier.write_text(f'{wall:.1f}')
       raise SystemExit(f'{workdir}: training stopped at step {summary["step"]} before its end; '
                        'the same command resumes it.')
   if summary is None or eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,):

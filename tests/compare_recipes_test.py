@@ -107,6 +107,8 @@ def test_a_stopped_run_is_not_scored_and_the_same_call_resumes_it(tmp_path, monk
     compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
                             tmp_path / 'run', eval_size=[48, 64])
   assert not list((tmp_path / 'run').glob('result*.json'))
+  stopped_seconds = float((tmp_path / 'run' / 'wall_seconds_before_resume').read_text())
+  assert stopped_seconds > 0
   monkeypatch.setattr(compare_recipes.train, 'train_and_evaluate', full)
   result = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
                                    tmp_path / 'run', eval_size=[48, 64])
@@ -114,6 +116,7 @@ def test_a_stopped_run_is_not_scored_and_the_same_call_resumes_it(tmp_path, monk
            for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert steps[0] == 1 and max(steps) > 1 and (tmp_path / 'run' / 'result.json').exists()
   assert 0 <= result['mean_iou'] <= 1
+  assert result['wall_seconds'] > stopped_seconds  # the whole run's time, not the last call's
 
 
 class _Process:
