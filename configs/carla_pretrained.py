@@ -33,7 +33,8 @@ IoU and 0.005 pixel accuracy (at every one of 3 seeds of the AdamW variant
 at 12 epochs; this config's seed 2 at 40 epochs: 0.274 against 0.270);
 four (`0.5,0.75,1.0,1.25`, 1.08 times the pixels) add 0.006 at 12 epochs
 (+0.005 to +0.008 a seed; seed 2 at 40 epochs: 0.278) for Pole 0.18
-against 0.19 with three.
+against 0.19 with three; on the three 40-epoch models at batch 2, 0.285
++- 0.004 against 0.280 +- 0.005 (+0.004 to +0.006 a seed).
 
 Each choice, measured against the one before it (mean IoU, 3 seeds; the
 README's Quality table has every class and command): the Lovasz term at 2.0
