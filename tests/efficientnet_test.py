@@ -160,3 +160,58 @@ def test_frozen_batch_norm_keeps_the_running_statistics_in_training():
   changed = jax.tree.map(np.array_equal, variables['batch_stats']['up0'],
                          updates['batch_stats']['up0'])
   assert not all(jax.tree.leaves(changed))  # the decoder's batch norm still trains
+
+
+def test_drop_path_rates_grow_linearly_from_zero():
+  rates = efficientnet.drop_path_rates(0.2, 16)
+  assert rates[0] == 0.0
+  np.testing.assert_allclose(rates[8], 0.1)  # 0.2 * 8 / 16
+  np.testing.assert_allclose(rates[15], 0.1875)  # 0.2 * 15 / 16
+  np.testing.assert_allclose(np.diff(rates), 0.0125)
+
+
+def test_drop_path_zeroes_whole_examples_and_scales_the_others():
+  branch = jax.random.uniform(jax.random.key(3), (4000, 2, 3, 5), minval=0.5, maxval=1.5)
+  out = np.asarray(efficientnet.drop_path(branch, 0.25, jax.random.key(4)))
+  dropped = np.all(out == 0, axis=(1, 2, 3))
+  kept = np.all(np.isclose(out, np.asarray(branch) / 0.75), axis=(1, 2, 3))
+  assert np.all(dropped ^ kept)  # each example wholly one or the other
+  # 4000 draws at 0.25: standard deviation of the share 0.007.
+  assert abs(dropped.mean() - 0.25) < 0.03
+  np.testing.assert_allclose(out.mean(), np.asarray(branch).mean(), rtol=0.03)
+
+
+def test_drop_path_in_a_residual_block_drops_or_scales_its_branch():
+  block = efficientnet.MBConv(3, 1, 6, 8, drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.key(5), (16, 8, 8, 8))
+  variables = block.init(jax.random.key(0), x, train=False)
+  plain = efficientnet.MBConv(3, 1, 6, 8)
+  # In training the batch norm uses the batch's statistics either way.
+  full, _ = plain.apply(variables, x, train=True, mutable=['batch_stats'])
+  branch = np.asarray(full - x)
+  out, _ = block.apply(variables, x, train=True, mutable=['batch_stats'],
+                       rngs={'dropout': jax.random.key(6)})
+  out = np.asarray(out)
+  dropped = np.all(np.isclose(out, x, atol=1e-5), axis=(1, 2, 3))
+  doubled = np.all(np.isclose(out, x + 2 * branch, atol=1e-5), axis=(1, 2, 3))
+  assert np.all(dropped ^ doubled)
+  assert 0 < dropped.sum() < 16  # key 6 drops some examples and keeps others
+  # Evaluation uses every branch, unscaled, and needs no random key.
+  np.testing.assert_array_equal(block.apply(variables, x, train=False),
+                                plain.apply(variables, x, train=False))
+
+
+def test_encoder_drop_path_reaches_the_blocks_only_in_training():
+  model = models.unet_from_config(_model_config(decoder_filters=(8, 8, 8, 8, 8),
+                                                encoder_drop_path_rate=0.3))
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  still = models.unet_from_config(_model_config(decoder_filters=(8, 8, 8, 8, 8)))
+  np.testing.assert_array_equal(model.apply(variables, x), still.apply(variables, x))
+  train_logits = [model.apply(variables, x, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(k)})[0] for k in (1, 2)]
+  assert not np.allclose(train_logits[0], train_logits[1])
+  # A config written before the field existed builds the model without it.
+  old = _model_config()
+  del old['encoder_drop_path_rate']
+  assert models.unet_from_config(old).encoder_drop_path_rate == 0.0

@@ -166,6 +166,8 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
     ({'batch_size': 12}, 8, 'batch_size 12 is not divisible by the 8 devices'),
     ({'data.image_size': (38, 32)}, 1, r'data.image_size: .*height 38 \(nearest valid: 36 or 40'),
     ({'model.dropout_rate': 1.0}, 1, r'model.dropout_rate must be a finite number in \[0, 1\)'),
+    ({'model.encoder_drop_path_rate': 0.1}, 1,
+     "model.encoder_drop_path_rate needs model.encoder='efficientnet_lite0'"),
     ({'num_epochs': 0}, 1, 'num_epochs must be an integer >= 1'),
     ({'data.augment.rare_windows': 1.5}, 1,
      r'data.augment.rare_windows must be a finite number in \[0, 1\]'),

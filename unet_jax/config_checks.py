@@ -108,6 +108,7 @@ RULES: dict[str, Rule] = {
     'model.decoder_filters': (lambda v: isinstance(v, (tuple, list)) and len(v) == 5 and
                               all(_is_int(n) and n >= 1 for n in v), '5 positive integer widths'),
     'model.frozen_encoder_batch_norm': boolean(),
+    'model.encoder_drop_path_rate': number(0, 1, high_open=True),
     # ---- data ----
     'data.data_dir': string(),
     'data.synthetic_scenes': integer(0),
@@ -235,6 +236,8 @@ def check_config(config, num_devices: int) -> None:
             "model.pretrained needs model.encoder='efficientnet_lite0'")
     require(config.encoder_learning_rate_multiplier == 1.0,
             "encoder_learning_rate_multiplier needs model.encoder='efficientnet_lite0'")
+    require('model.encoder_drop_path_rate' in bad or config.model.encoder_drop_path_rate == 0,
+            "model.encoder_drop_path_rate needs model.encoder='efficientnet_lite0'")
   if not bad & {'data.image_size', 'model.depth', 'model.padding', 'model.encoder',
                 'model.decoder_filters'}:
     try:

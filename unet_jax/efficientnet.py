@@ -21,8 +21,11 @@ a U-Net decoder. Sides must be multiples of 32.
 
 The ImageNet weights expect inputs scaled as the TensorFlow Lite models
 were trained: (RGB in [0, 255] - 127) / 128; `normalize` maps [0, 1]
-images onto that. Stochastic depth (drop-connect) of the original training
-is not applied.
+images onto that. Stochastic depth (the original training's drop-connect)
+is an option: in training each residual block's branch is dropped for a
+whole example with a probability that grows linearly with the block's index,
+from 0 at the first block to `drop_path_rate` * 15/16 at the last, and kept
+branches are scaled by 1 / (1 - probability); evaluation uses every branch.
 """
 
 import flax.linen as nn
@@ -56,6 +59,18 @@ def normalize(images: jax.Array) -> jax.Array:
   return (images - INPUT_MEAN) / INPUT_SCALE
 
 
+def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
+  """Each block's stochastic-depth probability: rate * index / num_blocks."""
+  return [rate * index / num_blocks for index in range(num_blocks)]
+
+
+def drop_path(branch: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Zeroes the residual branch of whole examples with probability `rate` and
+  scales the others by 1 / (1 - rate), so its expectation is unchanged."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+  return jnp.where(keep, branch / (1.0 - rate), 0).astype(branch.dtype)
+
+
 def block_specs(stages=LITE0_STAGES) -> list[tuple[int, int, int, int]]:
   """(kernel size, stride, expansion, output channels) of every block in order."""
   specs = []
@@ -72,6 +87,7 @@ class MBConv(nn.Module):
   expansion: int
   features: int
   frozen_batch_norm: bool = False
+  drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -93,6 +109,8 @@ class MBConv(nn.Module):
     x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name='project_conv')(x)
     x = batch_norm('project_bn')(x)
     if self.stride == 1 and in_features == self.features:
+      if train and self.drop_path_rate > 0:
+        x = drop_path(x, self.drop_path_rate, self.make_rng('dropout'))
       x = x + inputs
     return x
 
@@ -103,9 +121,13 @@ class EfficientNetLite0(nn.Module):
   Attributes:
     frozen_batch_norm: batch norm always uses (and never updates) its
       running statistics, in training too.
+    drop_path_rate: stochastic depth of the residual blocks in training (the
+      last block's probability approaches it; `drop_path_rates`). Draws from
+      the 'dropout' rng stream.
     dtype: computation dtype; parameters stay float32.
   """
   frozen_batch_norm: bool = False
+  drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -120,9 +142,12 @@ class EfficientNetLite0(nn.Module):
     x = nn.relu6(x)
     features = []
     feature_blocks = set(FEATURE_BLOCKS.values())
-    for index, (kernel, stride, expansion, out) in enumerate(block_specs()):
+    specs = block_specs()
+    rates = drop_path_rates(self.drop_path_rate, len(specs))
+    for index, (kernel, stride, expansion, out) in enumerate(specs):
       x = MBConv(kernel, stride, expansion, out, frozen_batch_norm=self.frozen_batch_norm,
-                 dtype=self.dtype, name=f'block{index}')(x, train=train)
+                 drop_path_rate=rates[index], dtype=self.dtype,
+                 name=f'block{index}')(x, train=train)
       if index in feature_blocks:
         features.append(x)
     return features

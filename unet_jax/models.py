@@ -267,6 +267,8 @@ class EfficientNetUNet(nn.Module):
     dropout_rate: dropout on the stride-32 features in training.
     frozen_encoder_batch_norm: the encoder's batch norm uses its running
       statistics in training too and never updates them.
+    encoder_drop_path_rate: stochastic depth of the encoder's residual blocks
+      in training (`efficientnet.EfficientNetLite0.drop_path_rate`).
     dtype: computation dtype; parameters stay float32.
   """
   num_classes: int = 23
@@ -274,6 +276,7 @@ class EfficientNetUNet(nn.Module):
   use_batch_norm: bool = True
   dropout_rate: float = 0.0
   frozen_encoder_batch_norm: bool = False
+  encoder_drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
   # The size rule in UNet's terms (sides multiples of 2**depth, SAME), for
@@ -292,7 +295,8 @@ class EfficientNetUNet(nn.Module):
       raise ValueError(f'decoder_filters needs 5 widths (strides 16 to 1), got '
                        f'{tuple(self.decoder_filters)}')
     skips = efficientnet.EfficientNetLite0(
-        frozen_batch_norm=self.frozen_encoder_batch_norm, dtype=self.dtype,
+        frozen_batch_norm=self.frozen_encoder_batch_norm,
+        drop_path_rate=self.encoder_drop_path_rate, dtype=self.dtype,
         name='encoder')(efficientnet.normalize(x), train=train)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(skips.pop())
     for level, features in zip(reversed(range(5)), self.decoder_filters):
@@ -346,6 +350,8 @@ def unet_from_config(model_config) -> nn.Module:
         use_batch_norm=model_config.use_batch_norm,
         dropout_rate=model_config.dropout_rate,
         frozen_encoder_batch_norm=model_config.frozen_encoder_batch_norm,
+        # Workdirs written before the field existed trained without it.
+        encoder_drop_path_rate=model_config.get('encoder_drop_path_rate', 0.0),
         dtype=jnp.dtype(model_config.dtype),
     )
   return UNet(
