@@ -109,6 +109,7 @@ RULES: dict[str, Rule] = {
                               all(_is_int(n) and n >= 1 for n in v), '5 positive integer widths'),
     'model.frozen_encoder_batch_norm': boolean(),
     'model.encoder_drop_path_rate': number(0, 1, high_open=True),
+    'model.global_context_filters': integer(0),
     # ---- data ----
     'data.data_dir': string(),
     'data.synthetic_scenes': integer(0),
@@ -238,6 +239,8 @@ def check_config(config, num_devices: int) -> None:
             "encoder_learning_rate_multiplier needs model.encoder='efficientnet_lite0'")
     require('model.encoder_drop_path_rate' in bad or config.model.encoder_drop_path_rate == 0,
             "model.encoder_drop_path_rate needs model.encoder='efficientnet_lite0'")
+    require('model.global_context_filters' in bad or config.model.global_context_filters == 0,
+            "model.global_context_filters needs model.encoder='efficientnet_lite0'")
   if not bad & {'data.image_size', 'model.depth', 'model.padding', 'model.encoder',
                 'model.decoder_filters'}:
     try:

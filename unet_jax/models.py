@@ -248,6 +248,25 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+class GlobalContext(nn.Module):
+  """Image-level context for a feature map (ParseNet; DeepLabv3's image pooling).
+
+  The features averaged over the whole image, a 1x1 convolution + ReLU to
+  `features` channels, that vector broadcast to every position and
+  concatenated after the input's channels: each position of the output sees
+  what the whole frame holds. NHWC in, NHWC out with `features` more channels.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    context = nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype, name='conv')(pooled))
+    context = jnp.broadcast_to(context.astype(x.dtype), (*x.shape[:3], self.features))
+    return jnp.concatenate([x, context], axis=-1)
+
+
 class EfficientNetUNet(nn.Module):
   """U-Net with an EfficientNet-Lite0 encoder; NHWC input in [0, 1], NHWC logits.
 
@@ -257,7 +276,9 @@ class EfficientNetUNet(nn.Module):
   decoder climbs from stride 32 to stride 1: at each level the paper's 2x2
   up-convolution, concatenation with the encoder's features of that stride
   (none at stride 1), two 3x3 convolutions (with batch norm if
-  `use_batch_norm`) + ReLU; then the 1x1 classifier. Sides must be
+  `use_batch_norm`) + ReLU; then the 1x1 classifier. With
+  `global_context_filters`, the stride-32 features carry `GlobalContext`'s
+  image-level channels into the first up-convolution. Sides must be
   multiples of 32; the output has the input's size.
 
   Attributes:
@@ -269,6 +290,8 @@ class EfficientNetUNet(nn.Module):
       statistics in training too and never updates them.
     encoder_drop_path_rate: stochastic depth of the encoder's residual blocks
       in training (`efficientnet.EfficientNetLite0.drop_path_rate`).
+    global_context_filters: channels of the image-level context added to the
+      stride-32 features (`GlobalContext`); 0 adds none.
     dtype: computation dtype; parameters stay float32.
   """
   num_classes: int = 23
@@ -277,6 +300,7 @@ class EfficientNetUNet(nn.Module):
   dropout_rate: float = 0.0
   frozen_encoder_batch_norm: bool = False
   encoder_drop_path_rate: float = 0.0
+  global_context_filters: int = 0
   dtype: Dtype = jnp.float32
 
   # The size rule in UNet's terms (sides multiples of 2**depth, SAME), for
@@ -298,7 +322,10 @@ class EfficientNetUNet(nn.Module):
         frozen_batch_norm=self.frozen_encoder_batch_norm,
         drop_path_rate=self.encoder_drop_path_rate, dtype=self.dtype,
         name='encoder')(efficientnet.normalize(x), train=train)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(skips.pop())
+    x = skips.pop()
+    if self.global_context_filters:
+      x = GlobalContext(self.global_context_filters, dtype=self.dtype, name='context')(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for level, features in zip(reversed(range(5)), self.decoder_filters):
       x = UpConv2x2(features, dtype=self.dtype, name=f'upconv{level}')(x)
       if level:
@@ -352,6 +379,7 @@ def unet_from_config(model_config) -> nn.Module:
         frozen_encoder_batch_norm=model_config.frozen_encoder_batch_norm,
         # Workdirs written before the field existed trained without it.
         encoder_drop_path_rate=model_config.get('encoder_drop_path_rate', 0.0),
+        global_context_filters=model_config.get('global_context_filters', 0),
         dtype=jnp.dtype(model_config.dtype),
     )
   return UNet(
