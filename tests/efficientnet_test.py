@@ -215,3 +215,55 @@ def test_encoder_drop_path_reaches_the_blocks_only_in_training():
   old = _model_config()
   del old['encoder_drop_path_rate']
   assert models.unet_from_config(old).encoder_drop_path_rate == 0.0
+
+
+def test_global_context_appends_the_frame_average_through_its_convolution():
+  x = jax.random.normal(jax.random.key(7), (2, 3, 5, 6))
+  module = models.GlobalContext(4)
+  variables = module.init(jax.random.key(0), x)
+  kernel = np.asarray(variables['params']['conv']['kernel'])[0, 0]  # (6, 4)
+  bias = np.asarray(variables['params']['conv']['bias'])
+  out = np.asarray(module.apply(variables, x))
+  assert out.shape == (2, 3, 5, 10)
+  np.testing.assert_array_equal(out[..., :6], x)  # the features pass through unchanged
+  # By hand: each example's 15 positions averaged, then the 1x1 convolution and ReLU.
+  for example in range(2):
+    average = np.asarray(x[example]).reshape(15, 6).mean(axis=0)
+    want = np.maximum(average @ kernel + bias, 0)
+    np.testing.assert_allclose(out[example, ..., 6:], np.broadcast_to(want, (3, 5, 4)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_global_context_lets_every_position_see_the_whole_frame():
+  # Frames 2048 wide that differ only in their first 512 columns: the
+  # encoder's receptive field stops about 500 columns further, so without the
+  # context the last 512 columns of the logits are exactly the same; with it
+  # they change too, through the frame's average.
+  x = jax.random.uniform(jax.random.key(1), (1, 32, 2048, 3))
+  y = x.at[:, :, :512].set(1.0 - x[:, :, :512])
+  change = {}
+  for filters in (0, 16):
+    model = models.unet_from_config(_model_config(decoder_filters=(8, 8, 8, 8, 8),
+                                                  global_context_filters=filters))
+    variables = model.init(jax.random.key(0), x)
+    if filters:
+      # The first up-convolution takes the 320 encoder channels plus the context's.
+      assert variables['params']['upconv4']['kernel'].shape[-2] == 320 + filters
+      # A larger context kernel than at initialisation, so that its effect
+      # stands far above rounding.
+      variables['params']['context']['conv']['kernel'] *= 1e4
+    right = lambda images: np.asarray(model.apply(variables, images))[:, :, -512:]  # pylint: disable=cell-var-from-loop
+    change[filters] = np.abs(right(x) - right(y)).max() / np.abs(right(x)).max()
+  assert change[0] == 0.0
+  assert change[16] > 1e-5  # float32 rounding is near 1e-7
+  # Any size the encoder takes: the average is over whatever frame arrives.
+  assert model.apply(variables, jnp.zeros((2, 96, 32, 3))).shape == (2, 96, 32, 23)
+
+
+def test_global_context_is_off_for_old_configs_and_by_default():
+  old = _model_config()
+  del old['global_context_filters']
+  model = models.unet_from_config(old)
+  assert model.global_context_filters == 0
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert 'context' not in variables['params']

@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if not p.stem.startswith('_'))
 STANDARD_OPS = {'Conv', 'ConvTranspose', 'Relu', 'Clip', 'MaxPool', 'Concat', 'Einsum', 'Reshape',
                 'Transpose', 'Slice', 'Pad', 'Add', 'Mul', 'Sub', 'Div', 'Max', 'Min', 'Shape',
-                'Gather', 'Identity', 'Cast'}
+                'Gather', 'Identity', 'Cast', 'ReduceSum', 'Expand'}
 
 
 def _needs_onnx():
@@ -84,10 +84,19 @@ def test_size_rule_lists_exactly_the_valid_sizes():
       assert valid == (length in lattice), (model_config, length)
 
 
-@pytest.mark.parametrize('name', CONFIG_NAMES)
-def test_onnx_and_stablehlo_logits_equal_the_jax_models(name, tmp_path):
+# Every config as it is, and the options that add operators of their own.
+EXPORT_CASES = [(name, {}) for name in CONFIG_NAMES] + [
+    ('carla_pretrained', {'model.global_context_filters': 4}),  # frame average, broadcast
+]
+
+
+@pytest.mark.parametrize('name, overrides', EXPORT_CASES,
+                         ids=[name + ''.join(f'-{k}={v}' for k, v in overrides.items())
+                              for name, overrides in EXPORT_CASES])
+def test_onnx_and_stablehlo_logits_equal_the_jax_models(name, overrides, tmp_path):
   _needs_onnx()
   config = tiny_config(name)
+  config.update_from_flattened_dict(overrides)
   variables = random_variables(config)
   for fmt in export.FORMATS:
     export.export_model(config, variables, 7, file_format=fmt, output_dir=tmp_path / fmt)
