@@ -65,7 +65,7 @@ The encoder's batch norm frozen at its ImageNet statistics
 (+0.006, +0.010, -0.004 a seed; TrafficSign 0.03 against 0.05): no
 measured gain, the batch norm keeps training.
 Stochastic depth 0.2 in the encoder (`model.encoder_drop_path_rate=0.2`):
-0.244 against 0.242 at 12 epochs on seeds 0 and 1 (+0.006, -0.003): off.
+0.246 against 0.243 at 12 epochs (+0.006, -0.003, +0.005 a seed): off.
 Image-level context of 128 channels at stride 32
 (`model.global_context_filters=128`): 0.243 against 0.243 at 12 epochs
 (+0.003, 0.000, -0.001 a seed; Vehicles 0.43 against 0.41): off.
