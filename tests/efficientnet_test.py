@@ -236,7 +236,7 @@ def test_global_context_appends_the_frame_average_through_its_convolution():
 
 def test_global_context_lets_every_position_see_the_whole_frame():
   # Frames 2048 wide that differ only in their first 512 columns: the
-  # encoder's receptive field stops about 500 columns further, so without the
+  # encoder's receptive field stops about 480 columns further, so without the
   # context the last 512 columns of the logits are exactly the same; with it
   # they change too, through the frame's average.
   x = jax.random.uniform(jax.random.key(1), (1, 32, 2048, 3))
