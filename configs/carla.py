@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- model (unet_jax.models.UNet) ----
   config.model = ml_collections.ConfigDict()
   # 'unet': the paper's network (the fields below up to dtype);
-  # 'efficientnet_lite0': models.EfficientNetUNet (configs/carla_pretrained.py).
+  # 'efficientnet_lite0' (configs/carla_pretrained.py), 'efficientnet_lite1' or
+  # 'efficientnet_lite2': models.EfficientNetUNet on that encoder.
   config.model.encoder = 'unet'
   config.model.num_classes = 23
   config.model.base_filters = 32
@@ -49,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.upconv_kernel_size = 2
   config.model.head_filters = 0
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision
-  # efficientnet_lite0 only: ImageNet weights for the encoder (the `pretrained`
+  # EfficientNet encoders only: ImageNet weights for the encoder (the `pretrained`
   # extra), decoder widths at strides 16..1, encoder batch norm frozen,
   # stochastic depth of the encoder's residual blocks in training, channels of
   # the image-level context at stride 32 (models.GlobalContext; 0 for none).
@@ -126,7 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # 0 is off
   config.momentum = 0.9  # sgd only
-  # The encoder's learning rate is learning_rate times this (efficientnet_lite0 only).
+  # The encoder's learning rate is learning_rate times this (EfficientNet encoders only).
   config.encoder_learning_rate_multiplier = 1.0
   # Loss: softmax cross-entropy on integer labels over valid pixels.
   config.ignore_label = -1  # pixels with this label are left out; -1: none

@@ -58,7 +58,8 @@ def test_config_trains_at_a_tiny_size(name):
         (1, 1), config.model.depth, config.model.padding)
   else:
     config.data.image_size = (32, 32)
-    if config.model.pretrained and importlib.util.find_spec(pretrained.PACKAGE) is None:
+    if config.model.pretrained and importlib.util.find_spec(pretrained.PACKAGES[
+        config.model.encoder.removeprefix('efficientnet_')][0]) is None:
       config.model.pretrained = False  # the weights package is an extra
   mesh = sharding.create_mesh()
   model = models.unet_from_config(config.model)

@@ -1,4 +1,4 @@
-"""The EfficientNet-Lite0 encoder, its ImageNet weights and the U-Net built on it."""
+"""The EfficientNet-Lite encoders, their ImageNet weights and the U-Net built on them."""
 
 import jax
 import jax.numpy as jnp
@@ -8,72 +8,99 @@ import pytest
 from unet_jax import efficientnet
 from unet_jax import models
 from unet_jax import pretrained
+from unet_jax import torch_weights
 
 
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.fixture(scope='module')
-def weights_file():
+def _weights_file(variant='lite0'):
   try:
-    return pretrained.weights_path()
+    return pretrained.weights_path(variant)
   except pretrained.PretrainedWeightsError as error:
     pytest.skip(str(error))
 
 
-# The published Lite0 definition: the stride of each of the 16 blocks.
-BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1)
+@pytest.fixture(scope='module')
+def weights_file():
+  return _weights_file()
 
 
-def _torch_features(torch, state_dict, images):
-  """The same network written directly in PyTorch (NCHW) from the state dict."""
-  functional = torch.nn.functional
-  sd = {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
+# The published definitions, written out: the stride of each block, the
+# blocks whose outputs are the features at strides 2 to 32, and those
+# features' channels. Lite0 has 16 blocks in stages of 1, 2, 2, 3, 3, 4, 1;
+# Lite1 and Lite2 21, in stages of 1, 3, 3, 4, 4, 5, 1.
+PUBLISHED = {
+    'lite0': ((1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1), (0, 2, 4, 10, 15),
+              (16, 24, 40, 112, 320)),
+    'lite1': ((1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1), (0, 3, 6, 14, 20),
+              (16, 24, 40, 112, 320)),
+    'lite2': ((1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1), (0, 3, 6, 14, 20),
+              (16, 24, 48, 120, 352)),
+}
+
+
+def _reference_features(state_dict, images, variant='lite0'):
+  """The same network written directly from the state dict, in its own layout.
+
+  Convolutions are `lax.conv_general_dilated` on NCHW activations and the
+  state dict's (out, in, kh, kw) kernels with TensorFlow's SAME pads spelt
+  out; batch norm is its inference formula. Nothing of `efficientnet`,
+  `pretrained` or Flax is used, and the block strides are `PUBLISHED`'s.
+  """
+  sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
 
   def conv(x, weight, stride):
     kernel = weight.shape[-1]
     pads = []
-    for length in (x.shape[3], x.shape[2]):  # F.pad takes the last axis first
+    for length in x.shape[2:]:
       out = -(-length // stride)
       total = max((out - 1) * stride + kernel - length, 0)
-      pads += [total // 2, total - total // 2]  # TensorFlow SAME: the extra pixel after
+      pads.append((total // 2, total - total // 2))  # TensorFlow SAME: the extra pixel after
     groups = x.shape[1] if weight.shape[1] == 1 and x.shape[1] > 1 else 1
-    return functional.conv2d(functional.pad(x, pads), weight, stride=stride, groups=groups)
+    return jax.lax.conv_general_dilated(
+        x, weight, (stride, stride), pads, dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
 
   def bn(x, name):
-    return functional.batch_norm(x, sd[f'{name}.running_mean'], sd[f'{name}.running_var'],
-                                 sd[f'{name}.weight'], sd[f'{name}.bias'], training=False,
-                                 eps=1e-3)
+    mean, var, scale, bias = (sd[f'{name}.{field}'][None, :, None, None] for field in (
+        'running_mean', 'running_var', 'weight', 'bias'))
+    return (x - mean) / np.sqrt(var + 1e-3) * scale + bias
 
-  x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
-  x = functional.relu6(bn(conv(x, sd['_conv_stem.weight'], 2), '_bn0'))
+  def relu6(x):
+    return jnp.clip(x, 0, 6)
+
+  x = jnp.transpose(jnp.asarray(images), (0, 3, 1, 2))
+  x = relu6(bn(conv(x, sd['_conv_stem.weight'], 2), '_bn0'))
   features = []
-  for index, stride in enumerate(BLOCK_STRIDES):
+  block_strides, feature_blocks, _ = PUBLISHED[variant]
+  for index, stride in enumerate(block_strides):
     prefix = f'_blocks.{index}'
     inputs = x
     if f'{prefix}._expand_conv.weight' in sd:
-      x = functional.relu6(bn(conv(x, sd[f'{prefix}._expand_conv.weight'], 1), f'{prefix}._bn0'))
-    x = functional.relu6(bn(conv(x, sd[f'{prefix}._depthwise_conv.weight'], stride),
-                            f'{prefix}._bn1'))
+      x = relu6(bn(conv(x, sd[f'{prefix}._expand_conv.weight'], 1), f'{prefix}._bn0'))
+    x = relu6(bn(conv(x, sd[f'{prefix}._depthwise_conv.weight'], stride), f'{prefix}._bn1'))
     x = bn(conv(x, sd[f'{prefix}._project_conv.weight'], 1), f'{prefix}._bn2')
     if stride == 1 and x.shape == inputs.shape:
       x = x + inputs
-    if index in (0, 2, 4, 10, 15):
-      features.append(x.permute(0, 2, 3, 1).numpy())
+    if index in feature_blocks:
+      features.append(np.asarray(jnp.transpose(x, (0, 2, 3, 1))))
+  assert len(block_strides) == len({k.split('.')[1] for k in sd if k.startswith('_blocks.')})
   return features
 
 
-def test_converted_encoder_matches_the_network_built_in_pytorch(weights_file):
-  torch = pytest.importorskip('torch')
-  state_dict = torch.load(weights_file, weights_only=True)
-  variables = pretrained.load_encoder_variables(weights_file, use_cache=False)
+@pytest.mark.parametrize('variant', efficientnet.VARIANTS)
+def test_converted_encoder_matches_the_network_written_from_the_state_dict(variant):
+  weights_file = _weights_file(variant)
+  state_dict = torch_weights.load_state_dict(weights_file)
+  variables = pretrained.load_encoder_variables(weights_file, variant=variant, use_cache=False)
   images = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
-  ours = efficientnet.EfficientNetLite0().apply(variables, images, train=False)
-  with torch.no_grad():
-    theirs = _torch_features(torch, state_dict, images)
-  assert [f.shape for f in ours] == [(2, 32, 48, 16), (2, 16, 24, 24), (2, 8, 12, 40),
-                                     (2, 4, 6, 112), (2, 2, 3, 320)]
+  ours = efficientnet.EfficientNetLite(variant).apply(variables, images, train=False)
+  theirs = _reference_features(state_dict, images, variant)
+  channels = PUBLISHED[variant][2]
+  assert [f.shape for f in ours] == [(2, 32 // s, 48 // s, c)
+                                     for s, c in zip((1, 2, 4, 8, 16), channels)]
   for a, b in zip(ours, theirs):
     scale = float(np.abs(b).max())
     np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-4 * scale)
@@ -101,7 +128,7 @@ ENCODER_NUMBERS = 4_694_073 - (1280 * 1000 + 1000) - 320 * 1280 - 4 * 1280 - 49
 
 
 def test_encoder_variables_are_the_state_dicts_minus_the_head():
-  variables = jax.eval_shape(lambda: efficientnet.EfficientNetLite0().init(
+  variables = jax.eval_shape(lambda: efficientnet.EfficientNetLite().init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert ENCODER_NUMBERS == 2_998_304
   assert _count(variables['params']) + _count(variables['batch_stats']) == ENCODER_NUMBERS
@@ -113,6 +140,50 @@ def test_encoder_variables_are_the_state_dicts_minus_the_head():
   assert channels == 19_728
   assert _count(variables['batch_stats']) == 2 * channels
   assert _count(variables['params']) == ENCODER_NUMBERS - 2 * channels == 2_958_848
+
+
+@pytest.mark.parametrize('variant', efficientnet.VARIANTS)
+def test_block_layout_is_the_published_one(variant):
+  block_strides, feature_blocks, channels = PUBLISHED[variant]
+  assert [spec[1] for spec in efficientnet.block_specs(variant)] == list(block_strides)
+  assert efficientnet.feature_blocks(variant) == feature_blocks
+  assert efficientnet.feature_channels(variant) == channels
+
+
+# Lite2's state dict: 6,150,232 numbers. The head is _fc (1280 x 1000 + 1000),
+# _conv_head (352 x 1280) and _bn1 (4 x 1280); 64 num_batches_tracked counters
+# (stem, 2 in block 0, 3 in each of the other 20 blocks, and _bn1).
+LITE2_ENCODER_NUMBERS = 6_150_232 - (1280 * 1000 + 1000) - 352 * 1280 - 4 * 1280 - 64
+
+
+def test_lite2_encoder_variables_are_its_state_dicts_minus_the_head():
+  variables = jax.eval_shape(lambda: efficientnet.EfficientNetLite('lite2').init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert LITE2_ENCODER_NUMBERS == 4_413_488
+  assert _count(variables['params']) + _count(variables['batch_stats']) == LITE2_ENCODER_NUMBERS
+  # 2 x hidden + out batch-norm channels per block after block 0 (expansion 6).
+  ins_outs = [(16, 24), (24, 24), (24, 24), (24, 48), (48, 48), (48, 48), (48, 88), (88, 88),
+              (88, 88), (88, 88), (88, 120), (120, 120), (120, 120), (120, 120), (120, 208),
+              (208, 208), (208, 208), (208, 208), (208, 208), (208, 352)]
+  channels = 32 + 32 + 16 + sum(2 * 6 * cin + cout for cin, cout in ins_outs)
+  assert _count(variables['batch_stats']) == 2 * channels
+  file = _weights_file('lite2')
+  state = torch_weights.load_state_dict(file)
+  assert sum(int(np.prod(np.shape(v))) for v in state.values()) == 6_150_232
+
+
+def test_unet_on_each_encoder_concatenates_its_features():
+  for variant, skip_16 in (('lite0', 112), ('lite1', 112), ('lite2', 120)):
+    model = models.unet_from_config(_model_config(encoder=f'efficientnet_{variant}',
+                                                  decoder_filters=(8, 8, 8, 8, 8)))
+    assert model.encoder == variant
+    variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
+                                                      jnp.zeros((1, 64, 64, 3))))
+    # The first decoder convolution takes the up-convolution's 8 channels
+    # and the encoder's stride-16 features.
+    assert variables['params']['up4']['conv0']['kernel'].shape == (3, 3, 8 + skip_16, 8)
+    logits = jax.eval_shape(lambda v, m=model: m.apply(v, jnp.zeros((2, 64, 96, 3))), variables)
+    assert logits.shape == (2, 64, 96, 23)
 
 
 def test_efficientnet_unet_parameter_count_and_output_size():
@@ -145,7 +216,7 @@ def test_sizes_that_are_not_multiples_of_32_are_refused_with_the_nearest():
   with pytest.raises(ValueError, match=r'height 100 \(nearest valid: 96 or 128\)'):
     models.label_size(_model_config(), (100, 128))
   with pytest.raises(ValueError, match='multiples of 32'):
-    efficientnet.EfficientNetLite0().init(jax.random.key(0), jnp.zeros((1, 48, 64, 3)))
+    efficientnet.EfficientNetLite().init(jax.random.key(0), jnp.zeros((1, 48, 64, 3)))
 
 
 def test_frozen_batch_norm_keeps_the_running_statistics_in_training():

@@ -167,9 +167,13 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
     ({'data.image_size': (38, 32)}, 1, r'data.image_size: .*height 38 \(nearest valid: 36 or 40'),
     ({'model.dropout_rate': 1.0}, 1, r'model.dropout_rate must be a finite number in \[0, 1\)'),
     ({'model.encoder_drop_path_rate': 0.1}, 1,
-     "model.encoder_drop_path_rate needs model.encoder='efficientnet_lite0'"),
+     r"model.encoder_drop_path_rate needs an EfficientNet encoder \(model.encoder one of "
+     r"\('efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2'\)\)"),
     ({'model.global_context_filters': 16}, 1,
-     "model.global_context_filters needs model.encoder='efficientnet_lite0'"),
+     "model.global_context_filters needs an EfficientNet encoder"),
+    ({'model.encoder': 'efficientnet_lite3'}, 1,
+     "model.encoder must be one of 'unet', 'efficientnet_lite0', 'efficientnet_lite1', "
+     "'efficientnet_lite2', got 'efficientnet_lite3'"),
     ({'model.global_context_filters': -1}, 1,
      'model.global_context_filters must be an integer >= 0'),
     ({'num_epochs': 0}, 1, 'num_epochs must be an integer >= 1'),

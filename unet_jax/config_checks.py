@@ -14,6 +14,8 @@ from unet_jax import classes
 from unet_jax import errors
 from unet_jax import models
 
+NEEDS_EFFICIENTNET = f'an EfficientNet encoder (model.encoder one of {models.EFFICIENTNETS})'
+
 # (test, what the value must be); the test never raises.
 Rule = tuple[Callable[[object], bool], str]
 
@@ -229,18 +231,18 @@ def check_config(config, num_devices: int) -> None:
     require(config.model.upconv_kernel_size == 2 or config.model.padding == 'SAME',
             'model.upconv_kernel_size=3 needs model.padding=\'SAME\'')
   encoder = config.model.encoder
-  if encoder == 'efficientnet_lite0':
+  if encoder in models.EFFICIENTNETS:
     require(config.model.padding == 'SAME',
             f"model.padding must be 'SAME' with encoder {encoder}, got {config.model.padding!r}")
   elif encoder == 'unet':
     require(not config.model.pretrained,
-            "model.pretrained needs model.encoder='efficientnet_lite0'")
+            f'model.pretrained needs {NEEDS_EFFICIENTNET}')
     require(config.encoder_learning_rate_multiplier == 1.0,
-            "encoder_learning_rate_multiplier needs model.encoder='efficientnet_lite0'")
+            f'encoder_learning_rate_multiplier needs {NEEDS_EFFICIENTNET}')
     require('model.encoder_drop_path_rate' in bad or config.model.encoder_drop_path_rate == 0,
-            "model.encoder_drop_path_rate needs model.encoder='efficientnet_lite0'")
+            f'model.encoder_drop_path_rate needs {NEEDS_EFFICIENTNET}')
     require('model.global_context_filters' in bad or config.model.global_context_filters == 0,
-            "model.global_context_filters needs model.encoder='efficientnet_lite0'")
+            f'model.global_context_filters needs {NEEDS_EFFICIENTNET}')
   if not bad & {'data.image_size', 'model.depth', 'model.padding', 'model.encoder',
                 'model.decoder_filters'}:
     try:

@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 (Tan & Le 2019; the Lite variant of TensorFlow's
-official models) as a Flax linen feature encoder.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 (Tan & Le 2019; the Lite variants of
+TensorFlow's official models) as a Flax linen feature encoder.
 
 The Lite variant is EfficientNet-B0 made for mobile accelerators: ReLU6
 instead of swish, no squeeze-and-excitation, and a fixed 32-channel stem.
@@ -14,40 +14,48 @@ TensorFlow's 'SAME' (`nn.Conv(padding='SAME')` computes the same pads):
 on stride 2 over an even side the extra pixel goes after, so a 3x3 kernel
 pads (0, 1) and a 5x5 kernel (1, 2).
 
+Lite1 repeats the blocks of stages 2 to 6 more often (21 blocks against
+16), and Lite2 has those 21 blocks and wider stages 3 to 7 (`STAGES`); the
+stem, the first and the last stage are the same in all three. They were
+trained on ImageNet at 224, 240 and 260 pixels (top-1 75.1%, 76.7% and
+77.6% in TensorFlow's release).
+
 The classifier head (1x1 convolution to 1280 channels, pooling, dense) is
-left out: the encoder returns the features at strides 2, 4, 8, 16 and 32
-(16, 24, 40, 112 and 320 channels), the ends of stages 1, 2, 3, 5 and 7, for
-a U-Net decoder. Sides must be multiples of 32.
+left out: the encoder returns the features at strides 2, 4, 8, 16 and 32,
+the ends of stages 1, 2, 3, 5 and 7 (`feature_channels`: 16, 24, 40, 112 and
+320 channels for Lite0 and Lite1, 16, 24, 48, 120 and 352 for Lite2), for a
+U-Net decoder. Sides must be multiples of 32.
 
 The ImageNet weights expect inputs scaled as the TensorFlow Lite models
 were trained: (RGB in [0, 255] - 127) / 128; `normalize` maps [0, 1]
 images onto that. Stochastic depth (the original training's drop-connect)
 is an option: in training each residual block's branch is dropped for a
 whole example with a probability that grows linearly with the block's index,
-from 0 at the first block to `drop_path_rate` * 15/16 at the last, and kept
+from 0 at the first block to `drop_path_rate` * 15/16 at the last (20/21 in
+Lite1 and Lite2), and kept
 branches are scaled by 1 / (1 - probability); evaluation uses every branch.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 
 # (kernel size, stride, expansion, output channels, repeats) per stage.
-LITE0_STAGES = (
-    (3, 1, 1, 16, 1),
-    (3, 2, 6, 24, 2),
-    (5, 2, 6, 40, 2),
-    (3, 2, 6, 80, 3),
-    (5, 1, 6, 112, 3),
-    (5, 2, 6, 192, 4),
-    (3, 1, 6, 320, 1),
-)
+STAGES = {
+    'lite0': ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+              (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)),
+    'lite1': ((3, 1, 1, 16, 1), (3, 2, 6, 24, 3), (5, 2, 6, 40, 3), (3, 2, 6, 80, 4),
+              (5, 1, 6, 112, 4), (5, 2, 6, 192, 5), (3, 1, 6, 320, 1)),
+    'lite2': ((3, 1, 1, 16, 1), (3, 2, 6, 24, 3), (5, 2, 6, 48, 3), (3, 2, 6, 88, 4),
+              (5, 1, 6, 120, 4), (5, 2, 6, 208, 5), (3, 1, 6, 352, 1)),
+}
+VARIANTS = tuple(STAGES)
 STEM_FEATURES = 32
-# Index of the last block of the stages whose output is a skip feature, by stride.
-FEATURE_BLOCKS = {2: 0, 4: 2, 8: 4, 16: 10, 32: 15}
-FEATURE_CHANNELS = (16, 24, 40, 112, 320)  # at strides 2, 4, 8, 16, 32
+# The stages (0-based) whose last block's output is a skip feature, at strides 2 to 32.
+FEATURE_STAGES = (0, 1, 2, 4, 6)
 STRIDE = 32
 BATCH_NORM_EPSILON = 1e-3
 INPUT_MEAN = 127.0 / 255.0  # in units of a [0, 1] image
@@ -71,13 +79,30 @@ def drop_path(branch: jax.Array, rate: float, key: jax.Array) -> jax.Array:
   return jnp.where(keep, branch / (1.0 - rate), 0).astype(branch.dtype)
 
 
-def block_specs(stages=LITE0_STAGES) -> list[tuple[int, int, int, int]]:
+def _stages(variant: str):
+  if variant not in STAGES:
+    raise ValueError(f'EfficientNet variant must be one of {VARIANTS}, got {variant!r}')
+  return STAGES[variant]
+
+
+def block_specs(variant: str = 'lite0') -> list[tuple[int, int, int, int]]:
   """(kernel size, stride, expansion, output channels) of every block in order."""
   specs = []
-  for kernel, stride, expansion, features, repeats in stages:
+  for kernel, stride, expansion, features, repeats in _stages(variant):
     for i in range(repeats):
       specs.append((kernel, stride if i == 0 else 1, expansion, features))
   return specs
+
+
+def feature_blocks(variant: str = 'lite0') -> tuple[int, ...]:
+  """Indices of the blocks whose outputs are the features at strides 2 to 32."""
+  ends = np.cumsum([repeats for *_, repeats in _stages(variant)]) - 1
+  return tuple(int(ends[stage]) for stage in FEATURE_STAGES)
+
+
+def feature_channels(variant: str = 'lite0') -> tuple[int, ...]:
+  """Channels of the features at strides 2, 4, 8, 16 and 32."""
+  return tuple(_stages(variant)[stage][3] for stage in FEATURE_STAGES)
 
 
 class MBConv(nn.Module):
@@ -115,10 +140,11 @@ class MBConv(nn.Module):
     return x
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
   """The encoder: normalised NHWC images -> features at strides 2, 4, 8, 16, 32.
 
   Attributes:
+    variant: 'lite0', 'lite1' or 'lite2' (`STAGES`).
     frozen_batch_norm: batch norm always uses (and never updates) its
       running statistics, in training too.
     drop_path_rate: stochastic depth of the residual blocks in training (the
@@ -126,6 +152,7 @@ class EfficientNetLite0(nn.Module):
       the 'dropout' rng stream.
     dtype: computation dtype; parameters stay float32.
   """
+  variant: str = 'lite0'
   frozen_batch_norm: bool = False
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -133,7 +160,7 @@ class EfficientNetLite0(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> list[jax.Array]:
     if x.shape[1] % STRIDE or x.shape[2] % STRIDE:
-      raise ValueError(f'EfficientNet-Lite0 needs sides that are multiples of {STRIDE}, got '
+      raise ValueError(f'EfficientNet-{self.variant.capitalize()} needs sides that are multiples of {STRIDE}, got '
                        f'{tuple(x.shape[1:3])}')
     x = nn.Conv(STEM_FEATURES, (3, 3), strides=2, padding='SAME', use_bias=False,
                 dtype=self.dtype, name='stem_conv')(x.astype(self.dtype))
@@ -141,13 +168,13 @@ class EfficientNetLite0(nn.Module):
                      epsilon=BATCH_NORM_EPSILON, dtype=self.dtype, name='stem_bn')(x)
     x = nn.relu6(x)
     features = []
-    feature_blocks = set(FEATURE_BLOCKS.values())
-    specs = block_specs()
+    outputs = set(feature_blocks(self.variant))
+    specs = block_specs(self.variant)
     rates = drop_path_rates(self.drop_path_rate, len(specs))
     for index, (kernel, stride, expansion, out) in enumerate(specs):
       x = MBConv(kernel, stride, expansion, out, frozen_batch_norm=self.frozen_batch_norm,
                  drop_path_rate=rates[index], dtype=self.dtype,
                  name=f'block{index}')(x, train=train)
-      if index in feature_blocks:
+      if index in outputs:
         features.append(x)
     return features

@@ -64,7 +64,7 @@ def restore(workdir: str, checkpoint: str):
 
 def size_rule(model_config) -> tuple[int, int]:
   """(scale, offset): the valid input lengths are scale*k + offset for k >= 1."""
-  if models.encoder_name(model_config) == 'efficientnet_lite0':
+  if models.encoder_name(model_config) != 'unet':
     return efficientnet.STRIDE, 0
   depth, padding = model_config.depth, model_config.padding
   scale = 2**depth

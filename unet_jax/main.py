@@ -48,8 +48,9 @@ def config_summary(config) -> str:
   """The run in one line; the whole config goes to the log file and config.json."""
   model = config.model
   height, width = config.data.image_size
-  if model.encoder == 'efficientnet_lite0':
-    network = (f'EfficientNet-Lite0 U-Net ({"ImageNet" if model.pretrained else "random"} '
+  if model.encoder != 'unet':
+    variant = model.encoder.removeprefix('efficientnet_').capitalize()
+    network = (f'EfficientNet-{variant} U-Net ({"ImageNet" if model.pretrained else "random"} '
                f'encoder, decoder {"/".join(map(str, model.decoder_filters))}, {model.dtype})')
   else:
     network = (f'U-Net (base {model.base_filters}, depth {model.depth}, {model.padding}'

@@ -7,8 +7,8 @@ two 3x3 convolutions with the channels doubled once more. Expanding path: a
 (centre-cropped) skip features, two 3x3 convolutions. A 1x1 convolution gives
 one logit per class.
 
-`EfficientNetUNet` is the same family with an EfficientNet-Lite0 encoder
-(`unet_jax.efficientnet`, ImageNet weights through `unet_jax.pretrained`)
+`EfficientNetUNet` is the same family with an EfficientNet-Lite0, -Lite1 or
+-Lite2 encoder (`unet_jax.efficientnet`, ImageNet weights through `unet_jax.pretrained`)
 and the paper's decoder over its stride 2..32 features.
 
 The modules take no config and do no I/O; `unet_from_config` maps a config's
@@ -268,9 +268,9 @@ class GlobalContext(nn.Module):
 
 
 class EfficientNetUNet(nn.Module):
-  """U-Net with an EfficientNet-Lite0 encoder; NHWC input in [0, 1], NHWC logits.
+  """U-Net with an EfficientNet-Lite encoder; NHWC input in [0, 1], NHWC logits.
 
-  The encoder (`efficientnet.EfficientNetLite0`, under 'encoder') sees the
+  The encoder (`efficientnet.EfficientNetLite`, under 'encoder') sees the
   input normalised as its ImageNet weights expect ((255 x - 127) / 128),
   so the data, evaluation and prediction code feed both U-Nets alike. The
   decoder climbs from stride 32 to stride 1: at each level the paper's 2x2
@@ -283,18 +283,20 @@ class EfficientNetUNet(nn.Module):
 
   Attributes:
     num_classes: logits per pixel.
+    encoder: the encoder's variant, 'lite0', 'lite1' or 'lite2'.
     decoder_filters: channels of the decoder levels at strides 16, 8, 4, 2, 1.
     use_batch_norm: batch norm in the decoder blocks.
     dropout_rate: dropout on the stride-32 features in training.
     frozen_encoder_batch_norm: the encoder's batch norm uses its running
       statistics in training too and never updates them.
     encoder_drop_path_rate: stochastic depth of the encoder's residual blocks
-      in training (`efficientnet.EfficientNetLite0.drop_path_rate`).
+      in training (`efficientnet.EfficientNetLite.drop_path_rate`).
     global_context_filters: channels of the image-level context added to the
       stride-32 features (`GlobalContext`); 0 adds none.
     dtype: computation dtype; parameters stay float32.
   """
   num_classes: int = 23
+  encoder: str = 'lite0'
   decoder_filters: Sequence[int] = (256, 128, 64, 32, 16)
   use_batch_norm: bool = True
   dropout_rate: float = 0.0
@@ -318,8 +320,8 @@ class EfficientNetUNet(nn.Module):
     if len(self.decoder_filters) != 5:
       raise ValueError(f'decoder_filters needs 5 widths (strides 16 to 1), got '
                        f'{tuple(self.decoder_filters)}')
-    skips = efficientnet.EfficientNetLite0(
-        frozen_batch_norm=self.frozen_encoder_batch_norm,
+    skips = efficientnet.EfficientNetLite(
+        self.encoder, frozen_batch_norm=self.frozen_encoder_batch_norm,
         drop_path_rate=self.encoder_drop_path_rate, dtype=self.dtype,
         name='encoder')(efficientnet.normalize(x), train=train)
     x = skips.pop()
@@ -336,7 +338,8 @@ class EfficientNetUNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-ENCODERS = ('unet', 'efficientnet_lite0')
+EFFICIENTNETS = tuple(f'efficientnet_{variant}' for variant in efficientnet.VARIANTS)
+ENCODERS = ('unet', *EFFICIENTNETS)
 
 
 def encoder_name(model_config) -> str:
@@ -362,7 +365,7 @@ def label_size(model_config, image_size: Sequence[int]) -> tuple[int, ...]:
       nearest = [n for n in (length // stride * stride, (length // stride + 1) * stride) if n > 0]
       bad.append(f'{axis} {length} (nearest valid: {" or ".join(map(str, nearest))})')
   if bad:
-    raise ValueError(f'the EfficientNet-Lite0 U-Net cannot take an input of size '
+    raise ValueError(f'the EfficientNet-Lite U-Net cannot take an input of size '
                      f'{tuple(image_size)}: {"; ".join(bad)}. Each side must be a multiple '
                      f'of {stride}.')
   return tuple(int(n) for n in image_size)
@@ -370,9 +373,11 @@ def label_size(model_config, image_size: Sequence[int]) -> tuple[int, ...]:
 
 def unet_from_config(model_config) -> nn.Module:
   """Builds the U-Net that the config's `model` section describes."""
-  if encoder_name(model_config) == 'efficientnet_lite0':
+  encoder = encoder_name(model_config)
+  if encoder != 'unet':
     return EfficientNetUNet(
         num_classes=model_config.num_classes,
+        encoder=encoder.removeprefix('efficientnet_'),
         decoder_filters=tuple(model_config.decoder_filters),
         use_batch_norm=model_config.use_batch_norm,
         dropout_rate=model_config.dropout_rate,

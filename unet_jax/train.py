@@ -134,11 +134,13 @@ def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
   height, width = config.data.image_size
   init = lambda key: model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
   variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
-  weights = pretrained.load_encoder_variables()
+  variant = models.encoder_name(config.model).removeprefix('efficientnet_')
+  weights = pretrained.load_encoder_variables(variant=variant)
   # make_array_from_callback: every process places its own part of the replicated array.
   weights = jax.tree.map(lambda x: jax.make_array_from_callback(
       x.shape, sharding.replicated(mesh), lambda index: x[index]), weights)
-  variables = pretrained.merge_encoder(variables, weights, source=str(pretrained.weights_path()))
+  variables = pretrained.merge_encoder(variables, weights,
+                                       source=str(pretrained.weights_path(variant)))
   create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
   return jax.jit(lambda v: create(variables=v), out_shardings=sharding.replicated(mesh))(variables)
 
