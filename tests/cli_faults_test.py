@@ -48,6 +48,9 @@ def _case(name, t):
   if name == 'main: config choice':
     return _main(data, t['new_workdir'], '--config.class_weighting=foo'), [
         "class_weighting must be one of 'none', 'inverse', 'median', got 'foo'"]
+  if name == 'main: contradicting fields':
+    return _main(data, t['new_workdir'], '--config.model.pretrained=True'), [
+        'model.pretrained needs an EfficientNet encoder']
   if name == 'main: infinite learning rate':
     return _main(data, t['new_workdir'], '--config.learning_rate=inf'), [
         'learning_rate must be a finite number > 0, got inf']
@@ -111,11 +114,11 @@ def _case(name, t):
   raise AssertionError(name)
 
 
-CASES = ['main: config choice', 'main: infinite learning rate', 'main: missing data folder',
-         'main: corrupt PNG', 'main: mask value out of range', 'main: dangling link',
-         'main: unwritable workdir', 'main: damaged config.json', 'evaluate: not a workdir',
-         'evaluate: unknown step', 'evaluate: corrupt checkpoint', 'evaluate: bad folder',
-         'evaluate: unwritable report folder', 'predict: no checkpoint',
+CASES = ['main: config choice', 'main: contradicting fields', 'main: infinite learning rate',
+         'main: missing data folder', 'main: corrupt PNG', 'main: mask value out of range',
+         'main: dangling link', 'main: unwritable workdir', 'main: damaged config.json',
+         'evaluate: not a workdir', 'evaluate: unknown step', 'evaluate: corrupt checkpoint',
+         'evaluate: bad folder', 'evaluate: unwritable report folder', 'predict: no checkpoint',
          'predict: missing input', 'predict: output holds the input',
          'synthetic: unwritable output', 'synthetic: no scenes']
 
@@ -144,6 +147,8 @@ def test_a_bad_input_is_one_error_line_and_changes_nothing(trained, tmp_path, na
   assert _snapshot(data) == data_before
   assert _snapshot(workdir / 'checkpoints') == checkpoints_before
   assert not (tmp_path / 'out').exists()
+  if name in ('main: config choice', 'main: contradicting fields', 'main: infinite learning rate'):
+    assert not folders['new_workdir'].exists()  # refused before anything is written
 
 
 def test_a_derived_config_loads_from_any_directory(tmp_path):

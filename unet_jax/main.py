@@ -71,6 +71,8 @@ def main(argv):
   console.setup(verbose=cli.verbose())
   distributed.initialize(FLAGS.config.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
+  # Fields that contradict each other, or the devices, before the workdir is touched.
+  config_checks.check_config(FLAGS.config, num_devices=jax.device_count())
   log_file = pathlib.Path(FLAGS.workdir) / (
       LOG_FILE if jax.process_index() == 0 else f'train.{jax.process_index()}.log')
   checkpointing.check_workdir(FLAGS.workdir)  # (a clear error if it cannot take the log)
