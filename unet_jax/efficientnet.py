@@ -32,8 +32,8 @@ images onto that. Stochastic depth (the original training's drop-connect)
 is an option: in training each residual block's branch is dropped for a
 whole example with a probability that grows linearly with the block's index,
 from 0 at the first block to `drop_path_rate` * 15/16 at the last (20/21 in
-Lite1 and Lite2), and kept
-branches are scaled by 1 / (1 - probability); evaluation uses every branch.
+Lite1 and Lite2), and kept branches are scaled by 1 / (1 - probability);
+evaluation uses every branch.
 """
 
 import flax.linen as nn
@@ -160,8 +160,8 @@ class EfficientNetLite(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> list[jax.Array]:
     if x.shape[1] % STRIDE or x.shape[2] % STRIDE:
-      raise ValueError(f'EfficientNet-{self.variant.capitalize()} needs sides that are multiples of {STRIDE}, got '
-                       f'{tuple(x.shape[1:3])}')
+      raise ValueError(f'EfficientNet-{self.variant.capitalize()} needs sides that are '
+                       f'multiples of {STRIDE}, got {tuple(x.shape[1:3])}')
     x = nn.Conv(STEM_FEATURES, (3, 3), strides=2, padding='SAME', use_bias=False,
                 dtype=self.dtype, name='stem_conv')(x.astype(self.dtype))
     x = nn.BatchNorm(use_running_average=not train or self.frozen_batch_norm, momentum=0.99,

@@ -8,8 +8,8 @@ two 3x3 convolutions with the channels doubled once more. Expanding path: a
 one logit per class.
 
 `EfficientNetUNet` is the same family with an EfficientNet-Lite0, -Lite1 or
--Lite2 encoder (`unet_jax.efficientnet`, ImageNet weights through `unet_jax.pretrained`)
-and the paper's decoder over its stride 2..32 features.
+-Lite2 encoder (`unet_jax.efficientnet`, ImageNet weights through
+`unet_jax.pretrained`) and the paper's decoder over its stride 2..32 features.
 
 The modules take no config and do no I/O; `unet_from_config` maps a config's
 `model` section onto the one its `encoder` names, and `label_size` gives
