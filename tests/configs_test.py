@@ -59,7 +59,7 @@ def test_config_trains_at_a_tiny_size(name):
   else:
     config.data.image_size = (32, 32)
     if config.model.pretrained and importlib.util.find_spec(pretrained.PACKAGES[
-        config.model.encoder.removeprefix('efficientnet_')][0]) is None:
+        models.encoder_variant(config.model)][0]) is None:
       config.model.pretrained = False  # the weights package is an extra
   mesh = sharding.create_mesh()
   model = models.unet_from_config(config.model)

@@ -22,6 +22,7 @@ from unet_jax import cli
 from unet_jax import config_checks
 from unet_jax import console
 from unet_jax import distributed
+from unet_jax import models
 from unet_jax import train
 from unet_jax import xla_flags
 
@@ -49,7 +50,7 @@ def config_summary(config) -> str:
   model = config.model
   height, width = config.data.image_size
   if model.encoder != 'unet':
-    variant = model.encoder.removeprefix('efficientnet_').capitalize()
+    variant = models.encoder_variant(model).capitalize()
     network = (f'EfficientNet-{variant} U-Net ({"ImageNet" if model.pretrained else "random"} '
                f'encoder, decoder {"/".join(map(str, model.decoder_filters))}, {model.dtype})')
   else:

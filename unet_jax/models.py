@@ -350,6 +350,14 @@ def encoder_name(model_config) -> str:
   return encoder
 
 
+def encoder_variant(model_config) -> str:
+  """The EfficientNet variant ('lite0', 'lite1', 'lite2') of an EfficientNet U-Net's config."""
+  encoder = encoder_name(model_config)
+  if encoder == 'unet':
+    raise ValueError("the seed U-Net (model.encoder='unet') has no EfficientNet variant")
+  return encoder.removeprefix('efficientnet_')
+
+
 def label_size(model_config, image_size: Sequence[int]) -> tuple[int, ...]:
   """The logits' (and labels') spatial size for an input of `image_size`.
 
@@ -373,11 +381,10 @@ def label_size(model_config, image_size: Sequence[int]) -> tuple[int, ...]:
 
 def unet_from_config(model_config) -> nn.Module:
   """Builds the U-Net that the config's `model` section describes."""
-  encoder = encoder_name(model_config)
-  if encoder != 'unet':
+  if encoder_name(model_config) != 'unet':
     return EfficientNetUNet(
         num_classes=model_config.num_classes,
-        encoder=encoder.removeprefix('efficientnet_'),
+        encoder=encoder_variant(model_config),
         decoder_filters=tuple(model_config.decoder_filters),
         use_batch_norm=model_config.use_batch_norm,
         dropout_rate=model_config.dropout_rate,

@@ -134,7 +134,7 @@ def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
   height, width = config.data.image_size
   init = lambda key: model.init(key, jnp.zeros((1, height, width, 3), jnp.float32), train=False)
   variables = jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
-  variant = models.encoder_name(config.model).removeprefix('efficientnet_')
+  variant = models.encoder_variant(config.model)
   weights = pretrained.load_encoder_variables(variant=variant)
   # make_array_from_callback: every process places its own part of the replicated array.
   weights = jax.tree.map(lambda x: jax.make_array_from_callback(
