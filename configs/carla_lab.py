@@ -38,6 +38,8 @@ def get_config(arg: str | None = None):
   config.data.augment.brightness = 0.0
   config.data.augment.contrast = 0.0
   config.data.augment.saturation = 0.0
+  config.inference.tta_flip = False  # the study predicted with the model alone
+  config.inference.tta_scales = (1.0,)
   if not arg:
     config.data.image_size = (96, 128)
     config.batch_size = 32

@@ -33,4 +33,6 @@ def get_config(arg: str | None = None):
   config.class_weighting = 'none'
   config.data.augment.update(horizontal_flip=False, scale_range=(1.0, 1.0), brightness=0.0,
                              contrast=0.0, saturation=0.0)
+  # evaluate and predict: the model alone, at its own size.
+  config.inference.update(eval_size=(), tta_flip=False, tta_scales=(1.0,))
   return config

@@ -25,6 +25,11 @@ def get_config(arg: str | None = None):
   config.batch_size = 8
   config.learning_rate = 1e-4
   config.model.dtype = 'bfloat16'
+  # Unpadded convolutions predict a smaller centre: no whole-frame scoring at
+  # another size and no test-time scales (predict --mode=tile covers frames).
+  config.inference.eval_size = ()
+  config.inference.tta_flip = False
+  config.inference.tta_scales = (1.0,)
   if arg == 'smoke':
     config.data.image_size = (188, 188)
     config.model.base_filters = 4

@@ -55,18 +55,13 @@ from typing import NamedTuple
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from unet_jax import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import classes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import tta  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -147,17 +142,12 @@ def build_config(spec: str, overrides: list[str], seed: int, split: str):
 
 def evaluate_at(config, workdir: str, eval_size, flip: bool = False, scales=(1.0,)) -> dict:
   """The summary of the workdir's latest checkpoint on config.eval_split, with whole
-  frames at eval_size (height, width) and the model at config.data.image_size."""
-  mesh = sharding.create_mesh()
-  _, variables, _ = checkpointing.restore_model(workdir, 'latest', sharding=sharding.replicated(mesh))
-  model = models.unet_from_config(config.model)
-  model_size = tuple(config.data.image_size)
-  frames = ml_collections.ConfigDict(config.to_dict())
-  frames.data.image_size = tuple(int(n) for n in eval_size)
-  data = input_pipeline.create_datasets(frames, mesh)[config.eval_split]
-  apply_fn = tta.tta_apply(model.apply, flip=flip, scales=tta.parse_scales(scales),
-                           multiple=2**model.depth, padding=model.padding, model_size=model_size)
-  return evaluation.evaluate(evaluation.compile_eval_step(frames, mesh, model, apply_fn), variables, data)
+  frames at eval_size (height, width) and the model at config.data.image_size
+  (`unet_jax.evaluate`, which also leaves its report in `<workdir>/eval/`)."""
+  summary, _ = evaluate.evaluate_workdir(workdir, config.eval_split, 'latest', num_images=0,
+                                         tta_flip=flip, tta_scales=scales,
+                                         eval_size=tuple(int(n) for n in eval_size))
+  return summary
 
 
 def result_name(flip: bool = False, scales=(1.0,)) -> str:

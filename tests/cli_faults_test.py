@@ -94,6 +94,13 @@ def _case(name, t):
     (workdir / 'eval').write_text('x')
     return ['unet_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest'], [
         f'report folder {workdir}/eval is not writable']
+  if name == 'evaluate: bad eval size':
+    return ['unet_jax.evaluate', f'--workdir={workdir}', '--eval_size=480'], [
+        "eval_size must be height,width (two positive integers) or 'model', got ['480']"]
+  if name == 'predict: bad test-time scales':
+    return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
+            f'--output={out}', '--tta_scales=1.0,-0.5'], [
+        'tta scales must be positive numbers, at least one']
   if name == 'predict: no checkpoint':
     shutil.rmtree(workdir / 'checkpoints')
     return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
@@ -118,7 +125,8 @@ CASES = ['main: config choice', 'main: contradicting fields', 'main: infinite le
          'main: missing data folder', 'main: corrupt PNG', 'main: mask value out of range',
          'main: dangling link', 'main: unwritable workdir', 'main: damaged config.json',
          'evaluate: not a workdir', 'evaluate: unknown step', 'evaluate: corrupt checkpoint',
-         'evaluate: bad folder', 'evaluate: unwritable report folder', 'predict: no checkpoint',
+         'evaluate: bad folder', 'evaluate: unwritable report folder', 'evaluate: bad eval size',
+         'predict: bad test-time scales', 'predict: no checkpoint',
          'predict: missing input', 'predict: output holds the input',
          'synthetic: unwritable output', 'synthetic: no scenes']
 

@@ -184,6 +184,13 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
     ({'data.train_splits': ('validation',)}, 1,
      "data.train_splits must be distinct split names, 'train' among them"),
     ({'eval_split': 'test'}, 1, "eval_split is 'test', but data.test_fraction is 0"),
+    ({'inference.tta_scales': (1.0, 0.0)}, 1,
+     'inference.tta_scales must be a tuple of finite numbers > 0, at least one'),
+    ({'inference.eval_size': (480,)}, 1, 'inference.eval_size must be'),
+    ({'model.padding': 'VALID', 'data.image_size': (44, 44), 'inference.eval_size': (48, 64)}, 1,
+     r"inference.eval_size must be \(\) with model.padding='VALID'"),
+    ({'model.padding': 'VALID', 'data.image_size': (44, 44), 'inference.tta_scales': (1.0, 1.5)},
+     1, r"inference.tta_scales must be \(1.0,\) with model.padding='VALID'"),
 ])
 def test_out_of_range_config_is_a_clear_error(tmp_path, overrides, num_devices, message):
   config = tiny_config(tmp_path / 'data', **overrides)

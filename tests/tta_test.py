@@ -1,5 +1,8 @@
 """Test-time augmentation: identity is plain prediction; views averaged as written out by hand."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +110,76 @@ def test_predict_with_flip_writes_the_averaged_prediction(trained, tmp_path):
   _, mask = carla_files.read_pair(carla_files.Pair('frame', inputs / 'frame.png',
                                                    tmp_path / 'out' / 'frame_mask.png'))
   np.testing.assert_array_equal(mask, expected)
+
+
+def _workdir_with_inference(trained, tmp_path, inference):
+  """A copy of the trained workdir whose config.json holds `inference` (None: no such field)."""
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(trained['workdir'], workdir)
+  values = json.loads((workdir / 'config.json').read_text())
+  values.pop('inference', None)
+  if inference is not None:
+    values['inference'] = inference
+  (workdir / 'config.json').write_text(json.dumps(values))
+  return workdir
+
+
+def test_evaluate_takes_frame_size_and_augmentation_from_the_config(trained, tmp_path):
+  workdir = _workdir_with_inference(
+      trained, tmp_path, {'eval_size': [48, 64], 'tta_flip': True, 'tta_scales': [1.0, 0.5]})
+  default, out_dir = evaluate.evaluate_workdir(str(workdir), 'validation', 'latest', num_images=0)
+  explicit, _ = evaluate.evaluate_workdir(str(trained['workdir']), 'validation', 'latest',
+                                          num_images=0, tta_flip=True, tta_scales=['1.0', '0.5'],
+                                          eval_size=['48', '64'])
+  np.testing.assert_array_equal(default['confusion_matrix'], explicit['confusion_matrix'])
+  frames = trained['final']['confusion_matrix'].sum() // (32 * 32)
+  assert default['confusion_matrix'].sum() == frames * 48 * 64  # whole 48x64 frames scored
+  assert default['eval_size'] == (48, 64)
+  assert default['tta'] == {'flip': True, 'scales': [1.0, 0.5]}
+  record = json.loads((out_dir / 'metrics.json').read_text())
+  assert record['eval_size'] == [48, 64] and record['model_size'] == [32, 32]
+  assert 'Scored on whole frames at 48x64 (the model sees them at 32x32); test-time ' \
+         'augmentation: flip, scales 1,0.5.' in (out_dir / 'report.md').read_text()
+  # The flags override the config: the model alone at its own size is training's evaluation.
+  alone, _ = evaluate.evaluate_workdir(str(workdir), 'validation', 'latest', num_images=0,
+                                       tta_flip=False, tta_scales=['1.0'], eval_size='model')
+  np.testing.assert_array_equal(alone['confusion_matrix'], trained['final']['confusion_matrix'])
+  assert not np.array_equal(default['confusion_matrix'], alone['confusion_matrix'])
+
+
+def test_a_workdir_without_inference_settings_scores_the_model_alone(trained, tmp_path):
+  workdir = _workdir_with_inference(trained, tmp_path, None)
+  summary, _ = evaluate.evaluate_workdir(str(workdir), 'validation', 'latest', num_images=0)
+  np.testing.assert_array_equal(summary['confusion_matrix'], trained['final']['confusion_matrix'])
+  assert summary['eval_size'] == (32, 32)
+  assert summary['tta'] == {'flip': False, 'scales': [1.0]}
+  assert tta.settings(checkpointing.load_config(str(workdir))) == (False, (1.0,))
+
+
+def test_predict_takes_its_augmentation_from_the_config(trained, tmp_path):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  image = np.random.default_rng(6).integers(0, 256, (45, 61, 3), np.uint8)
+  (inputs / 'frame.png').write_bytes(carla_files.encode_png(image))
+  workdir = _workdir_with_inference(
+      trained, tmp_path, {'eval_size': [], 'tta_flip': True, 'tta_scales': [1.0]})
+
+  def mask(folder, *args, **kwargs):
+    run = predict.predict_files(*args, str(inputs), str(tmp_path / folder), checkpoint='latest',
+                                **kwargs)
+    assert not run.failed
+    return carla_files.read_pair(carla_files.Pair(
+        'frame', inputs / 'frame.png', tmp_path / folder / 'frame_mask.png'))[1]
+
+  default = mask('default', str(workdir))
+  np.testing.assert_array_equal(default, mask('flip', str(trained['workdir']), tta_flip=True))
+  plain = mask('plain', str(trained['workdir']), tta_flip=False)
+  np.testing.assert_array_equal(mask('override', str(workdir), tta_flip=False), plain)
+  assert not np.array_equal(default, plain)
+
+
+def test_describe_names_the_views():
+  assert tta.describe(False, (1.0,)) == 'none'
+  assert tta.describe(True, (1.0,)) == 'flip'
+  assert tta.describe(True, (0.5, 0.75, 1.0, 1.25)) == 'flip, scales 0.5,0.75,1,1.25'
+  assert tta.describe(False, (1.0, 1.5)) == 'scales 1,1.5'

@@ -167,6 +167,12 @@ RULES: dict[str, Rule] = {
     'max_to_keep': integer(1),
     'eval_split': one_of('validation', 'test', 'train'),
     'distributed': one_of('auto', 'on', 'off'),
+    # ---- inference ----
+    'inference.eval_size': empty_or(pair(integer(1))),
+    'inference.tta_flip': boolean(),
+    'inference.tta_scales': (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1 and
+                             all(_is_number(s) and s > 0 for s in v),
+                             'a tuple of finite numbers > 0, at least one'),
 }
 
 _MISSING = object()
@@ -249,6 +255,13 @@ def check_config(config, num_devices: int) -> None:
       models.label_size(config.model, config.data.image_size)
     except ValueError as error:
       problems.append(f'data.image_size: {error}')
+  if config.model.padding == 'VALID':
+    require('inference.eval_size' in bad or not config.inference.eval_size,
+            "inference.eval_size must be () with model.padding='VALID' (unpadded "
+            f'convolutions predict a smaller centre), got {config.inference.eval_size!r}')
+    require('inference.tta_scales' in bad or tuple(config.inference.tta_scales) == (1.0,),
+            "inference.tta_scales must be (1.0,) with model.padding='VALID', got "
+            f'{config.inference.tta_scales!r}')
   if config.data.train_crop_size and not bad & {'data.train_crop_size', 'model.depth',
                                                 'model.padding', 'model.encoder'}:
     try:

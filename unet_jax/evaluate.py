@@ -2,9 +2,14 @@ r"""Evaluates a trained checkpoint and writes a report a person can read.
 
     python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
         [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8] \
-        [--tta_flip] [--tta_scales=1.0,0.75,1.25]
+        [--eval_size=480,640|model] [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25]
 
-Works from the workdir alone: its config.json and checkpoints. With
+Works from the workdir alone: its config.json and checkpoints. Whole frames
+are scored at the config's `inference.eval_size` (CARLA's native 480x640 in
+the carla configs): the model sees each frame at its training size and its
+class probabilities come back to the frame's pixels, with the config's
+test-time augmentation (`inference.tta_flip`, `inference.tta_scales`);
+the flags override both. With
 --data_dir it evaluates every pair of any CARLA-format folder instead of a
 split, preprocessed as in training; the split is then called
 `folder-<folder name>`. Writes `<workdir>/eval/<split>-<step>/`:
@@ -17,8 +22,9 @@ split, preprocessed as in training; the split is then called
 * examples.png: `num_images` frames as image | truth | prediction | errors.
 
 The metrics come from training's own compiled eval step and
-`evaluation.evaluate`, so for the same checkpoint and split they equal
-training's evaluation. The model's variables alone are restored
+`evaluation.evaluate`: for the same checkpoint and split, with
+`--eval_size=model --notta_flip --tta_scales=1.0`, they equal training's
+evaluation (the model alone at its own size). The model's variables alone are restored
 (`checkpointing.restore_model`); nothing of training is imported.
 """
 
@@ -33,6 +39,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from unet_jax import checkpointing
@@ -159,6 +166,13 @@ def report_markdown(record: dict, has_examples: bool) -> str:
       f'Workdir `{record["workdir"]}`, {record["num_examples"]} frames'
       + (f' from `{record["data_dir"]}`.' if record['data_dir'] else '.'),
       '',
+  ]
+  if 'eval_size' in record:
+    (height, width), (model_h, model_w) = record['eval_size'], record['model_size']
+    lines += [f'Scored on whole frames at {height}x{width} (the model sees them at '
+              f'{model_h}x{model_w}); test-time augmentation: '
+              f'{tta.describe(record["tta"]["flip"], record["tta"]["scales"])}.', '']
+  lines += [
       '| metric | value |',
       '|---|---|',
       f'| pixel accuracy | {_cell(record["pixel_accuracy"])} |',
@@ -202,33 +216,71 @@ def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
   (out_dir / 'report.md').write_text(report_markdown(record, has_examples))
 
 
+def scoring_size(config, eval_size=None) -> tuple[int, int]:
+  """The (height, width) whole frames are scored at: eval_size as given
+  ('model', or () for the model's input size; 'H,W' or a pair), else the
+  config's inference.eval_size, else the model's input size (workdirs from
+  before that field)."""
+  model_size = tuple(int(n) for n in config.data.image_size)
+  if eval_size is None:
+    eval_size = (config.get('inference') or {}).get('eval_size', ())
+  values = eval_size.split(',') if isinstance(eval_size, str) else list(eval_size)
+  if values in ([], ['model']):
+    return model_size
+  try:
+    size = tuple(int(n) for n in values)
+  except (TypeError, ValueError):
+    size = ()
+  if len(size) != 2 or min(size) < 1:
+    raise errors.UserError("eval_size must be height,width (two positive integers) or 'model', "
+                           f'got {eval_size!r}')
+  return size
+
+
 def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
-                     data_dir: str | None = None, num_images: int = 8, tta_flip: bool = False,
-                     tta_scales=(1.0,), skip_bad_pairs: bool | None = None):
+                     data_dir: str | None = None, num_images: int = 8,
+                     tta_flip: bool | None = None, tta_scales=None,
+                     skip_bad_pairs: bool | None = None, eval_size=None):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
 
-  tta_flip and tta_scales: test-time augmentation (unet_jax.tta); the default
-  is the model alone. skip_bad_pairs: skip unreadable pairs with a warning
-  instead of stopping; None keeps the training config's setting.
+  eval_size, tta_flip and tta_scales: where given, the size whole frames are
+  scored at (`scoring_size`) and the test-time augmentation (unet_jax.tta);
+  None takes the training config's `inference` field. skip_bad_pairs: skip
+  unreadable pairs with a warning instead of stopping; None keeps the
+  training config's setting.
 
   Returns:
-    (summary, out_dir): `evaluation.evaluate`'s summary plus 'step', and the
-    report folder `<workdir>/eval/<split>-<step>`.
+    (summary, out_dir): `evaluation.evaluate`'s summary plus 'step',
+    'eval_size' and 'tta' (what was used), and the report folder
+    `<workdir>/eval/<split>-<step>`.
   """
   mesh = sharding.create_mesh()
   config, variables, step = checkpointing.restore_model(
       workdir, checkpoint, sharding=sharding.replicated(mesh))
   if skip_bad_pairs is not None:
     config.data.skip_bad_pairs = skip_bad_pairs
+  model = models.unet_from_config(config.model)
+  model_size = tuple(int(n) for n in config.data.image_size)
+  size = scoring_size(config, eval_size)
+  flip, scales = tta.settings(config, tta_flip, tta_scales)
+  if model.padding != 'SAME' and (size != model_size or scales != (1.0,)):
+    raise errors.UserError(
+        f'{workdir}: a {model.padding}-padded model is scored at its own size '
+        f'{model_size[0]}x{model_size[1]} without test-time scales (--eval_size=model '
+        f'--tta_scales=1.0), got {size[0]}x{size[1]} and scales {scales}')
   # The report is written after all the scoring: find out now if it cannot be.
   if jax.process_index() == 0:
     checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')
-  data, split_name = load_split(config, mesh, split, data_dir, workdir)
-  model = models.unet_from_config(config.model)
-  apply_fn = tta.from_flags(model, tta_flip, tta_scales)
-  summary = evaluation.evaluate(evaluation.compile_eval_step(config, mesh, model, apply_fn),
+  frames = config
+  if size != model_size:  # the frames at `size`, the model at its own
+    frames = ml_collections.ConfigDict(config.to_dict())
+    frames.data.image_size = size
+  data, split_name = load_split(frames, mesh, split, data_dir, workdir)
+  apply_fn = tta.from_flags(model, flip, scales,
+                            model_size=None if size == model_size else model_size)
+  summary = evaluation.evaluate(evaluation.compile_eval_step(frames, mesh, model, apply_fn),
                                 variables, data)
-  summary['step'] = step
+  summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)})
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
                               apply_fn)
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}'
@@ -236,6 +288,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
     record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
                             num_examples=data.num_examples, data_dir=data_dir,
                             class_names=classes.CLASS_NAMES)
+    record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'])
     write_report(out_dir, record, examples)
     logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
   return summary, out_dir
@@ -251,8 +304,13 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_string('data_dir', None, 'A CARLA-format folder to evaluate instead of a split.')
   flags.DEFINE_integer('num_images', 8, 'Frames shown in examples.png.')
-  flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
-  flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25.')
+  flags.DEFINE_list('eval_size', None, "height,width to score whole frames at (e.g. 480,640), "
+                    "or 'model' for the model's input size (default: the training config's "
+                    'inference.eval_size).')
+  flags.DEFINE_bool('tta_flip', None, 'Test-time augmentation: add mirrored views (default: the '
+                    "training config's inference.tta_flip).")
+  flags.DEFINE_list('tta_scales', None, 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25 '
+                    "(default: the training config's inference.tta_scales; 1.0 for none).")
   flags.DEFINE_bool('skip_bad_pairs', None,
                     'Skip unreadable image/mask pairs with a warning (default: the training '
                     "config's data.skip_bad_pairs).")
@@ -266,8 +324,11 @@ def main(argv):
   console.setup(verbose=cli.verbose())
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                       FLAGS.data_dir, FLAGS.num_images, FLAGS.tta_flip,
-                                      FLAGS.tta_scales, FLAGS.skip_bad_pairs)
-  print(f'step {summary["step"]}: pixel accuracy {summary["pixel_accuracy"]:.4f}, '
+                                      FLAGS.tta_scales, FLAGS.skip_bad_pairs, FLAGS.eval_size)
+  height, width = summary['eval_size']
+  augmentation = tta.describe(summary['tta']['flip'], summary['tta']['scales'])
+  print(f'step {summary["step"]} ({height}x{width} frames, test-time augmentation: '
+        f'{augmentation}): pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '
         f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')
 

@@ -2,7 +2,7 @@ r"""Runs a trained U-Net on images of any size; writes masks and pictures.
 
     python -m unet_jax.predict --workdir=runs/carla --input=FILE_OR_DIR --output=DIR \
         [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N] \
-        [--tta_flip] [--tta_scales=1.0,0.75,1.25]
+        [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25]
 
 For every input PNG (a file, or every file of a folder) it writes into
 --output `<stem>_mask.png` (the CARLA mask format: class index in channel 0,
@@ -26,7 +26,9 @@ batch is padded. Nothing is written outside --output: the output folder may
 not contain an input, and every file is written through a temporary file in
 --output renamed over the target (a rename replaces a link rather than
 writing through it). Unreadable inputs are reported by name and the rest
-are still written.
+are still written. Test-time augmentation (unet_jax.tta) is the training
+config's `inference.tta_flip` and `inference.tta_scales` unless the flags
+say otherwise (`--notta_flip --tta_scales=1.0`: the model alone).
 """
 
 from collections.abc import Iterator
@@ -273,8 +275,8 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
 
 
 def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint: str = 'best',
-                  mode: str = 'resize', batch_size: int = 0, tta_flip: bool = False,
-                  tta_scales=(1.0,)) -> PredictionRun:
+                  mode: str = 'resize', batch_size: int = 0, tta_flip: bool | None = None,
+                  tta_scales=None) -> PredictionRun:
   """Predicts every input and writes its three PNGs into output_dir.
 
   Args:
@@ -286,7 +288,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
     batch_size: tiles per device batch; 0 takes the training batch size.
       Rounded up to a multiple of the local device count.
     tta_flip, tta_scales: test-time augmentation of every model input
-      (unet_jax.tta); the default is the model alone.
+      (unet_jax.tta); None takes the training config's `inference` field.
   """
   if mode not in MODES:
     raise errors.UserError(f'mode must be one of {MODES}, got {mode!r}')
@@ -298,15 +300,21 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
       workdir, checkpoint, sharding=sharding.replicated(mesh))
   if config.model.num_classes > 256:
     raise errors.UserError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
+  model = models.unet_from_config(config.model)
+  flip, scales = tta.settings(config, tta_flip, tta_scales)
+  try:
+    apply_fn = tta.from_flags(model, flip, scales)
+  except ValueError as error:  # scales of a VALID-padded model
+    raise errors.UserError(f'{workdir}: {error}') from None
   # Only now, with a model to run: a failed start leaves no empty folder behind.
   checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
-  model = models.unet_from_config(config.model)
-  predict = _compile_predict(model, mesh, tta.from_flags(model, tta_flip, tta_scales))
-  logging.info('Predicting %d file(s) with checkpoint %d (%s mode), batches of %d tiles on %d '
-               'device(s).', len(paths), step, mode, batch_size, devices)
+  predict = _compile_predict(model, mesh, apply_fn)
+  logging.info('Predicting %d file(s) with checkpoint %d (%s mode, test-time augmentation: %s), '
+               'batches of %d tiles on %d device(s).', len(paths), step, mode,
+               tta.describe(flip, scales), batch_size, devices)
 
   start = time.perf_counter()
   written, failed = [], []
@@ -366,8 +374,10 @@ def define_flags() -> None:
   flags.DEFINE_enum('mode', 'resize', MODES,
                     'resize: to the training size and back; tile: native resolution.')
   flags.DEFINE_integer('batch_size', 0, 'Tiles per batch; 0: the training batch size.')
-  flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
-  flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25.')
+  flags.DEFINE_bool('tta_flip', None, 'Test-time augmentation: add mirrored views (default: the '
+                    "training config's inference.tta_flip).")
+  flags.DEFINE_list('tta_scales', None, 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25 '
+                    "(default: the training config's inference.tta_scales; 1.0 for none).")
   flags.mark_flags_as_required(['workdir', 'input', 'output'])
 
 

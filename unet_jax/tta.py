@@ -12,13 +12,18 @@ identity-only augmentation is plain prediction exactly.
 Scales are relative to the input size, or to `model_size` when given: a
 model trained at 96x128 can then be scored on whole frames at 480x640 (each
 view resized to 96x128 times the scale, predictions resized back).
-evaluate and predict take `--tta_flip` and `--tta_scales=1.0,0.75,1.25`.
+evaluate and predict take `--tta_flip` and `--tta_scales=1.0,0.75,1.25`;
+without them they use the training config's `inference.tta_flip` and
+`inference.tta_scales` (`settings`), and a workdir from before those fields
+the model alone.
 """
 
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from unet_jax import errors
 
 
 def parse_scales(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -87,6 +92,30 @@ def tta_apply(apply_fn: Callable, *, flip: bool = False, scales: Sequence[float]
     return jnp.log(total / len(outputs))
 
   return apply
+
+
+def settings(config, flip: bool | None = None, scales=None) -> tuple[bool, tuple[float, ...]]:
+  """(flip, scales) to use: each as given, else the config's `inference` field,
+  else none (flip off, scale 1.0)."""
+  inference = config.get('inference') or {}
+  if flip is None:
+    flip = inference.get('tta_flip', False)
+  if scales is None:
+    scales = inference.get('tta_scales', (1.0,))
+  try:
+    return bool(flip), parse_scales(scales)
+  except ValueError as error:
+    raise errors.UserError(str(error)) from None
+
+
+def describe(flip: bool, scales: Sequence[float]) -> str:
+  """'none', or e.g. 'flip, scales 0.5,0.75,1,1.25'."""
+  scales = tuple(scales)
+  if not flip and scales == (1.0,):
+    return 'none'
+  parts = (['flip'] if flip else []) + (
+      [] if scales == (1.0,) else ['scales ' + ','.join(f'{s:g}' for s in scales)])
+  return ', '.join(parts)
 
 
 def from_flags(model, flip: bool, scales, model_size=None) -> Callable:
