@@ -76,9 +76,10 @@ Image-level context of 128 channels at stride 32
 The EfficientNet-Lite2 encoder instead of Lite0
 (`model.encoder=efficientnet_lite2`): 0.251 against 0.243 at 12 epochs
 (+0.011, +0.007, +0.008 a seed; pixel accuracy 0.898 against 0.889,
-Vehicles 0.47 against 0.41; 1.24 times the training time); not yet
-measured at 40 epochs, where batch 2's 12-epoch gain shrank inside the
-spread, so this config keeps Lite0.
+Vehicles 0.47 against 0.41; 1.24 times the training time), but at 40
+epochs 0.270 against 0.271 (seed 0; Vehicles 0.54 against 0.49, RoadLine
+0.49 against 0.42, TrafficSign 0.06 against 0.14), so this config keeps
+Lite0.
 Batch 2 against 4: 0.255 against 0.243 at 12 epochs (higher at every seed,
 +0.009 to +0.014; pixel accuracy 0.900 against 0.889, Pole 0.18 against
 0.16); at 40 epochs, 0.270 +- 0.006 against 0.266 +- 0.005 (+0.002 to
