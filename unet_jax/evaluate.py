@@ -24,8 +24,9 @@ split, preprocessed as in training; the split is then called
 The metrics come from training's own compiled eval step and
 `evaluation.evaluate`: for the same checkpoint and split, with
 `--eval_size=model --notta_flip --tta_scales=1.0`, they equal training's
-evaluation (the model alone at its own size). The model's variables alone are restored
-(`checkpointing.restore_model`); nothing of training is imported.
+evaluation (the model alone at its own size). The model's variables alone
+are restored (`checkpointing.restore_model`); nothing of training is
+imported.
 """
 
 from collections.abc import Sequence
