@@ -264,11 +264,11 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
   model_size = tuple(int(n) for n in config.data.image_size)
   size = scoring_size(config, eval_size)
   flip, scales = tta.settings(config, tta_flip, tta_scales)
-  if model.padding != 'SAME' and (size != model_size or scales != (1.0,)):
-    raise errors.UserError(
-        f'{workdir}: a {model.padding}-padded model is scored at its own size '
-        f'{model_size[0]}x{model_size[1]} without test-time scales (--eval_size=model '
-        f'--tta_scales=1.0), got {size[0]}x{size[1]} and scales {scales}')
+  try:
+    apply_fn = tta.from_flags(model, flip, scales,
+                              model_size=None if size == model_size else model_size)
+  except ValueError as error:  # another size or scales for a VALID-padded model
+    raise errors.UserError(f'{workdir}: {error} (--eval_size=model --tta_scales=1.0)') from None
   # The report is written after all the scoring: find out now if it cannot be.
   if jax.process_index() == 0:
     checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')
@@ -277,8 +277,6 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
     frames = ml_collections.ConfigDict(config.to_dict())
     frames.data.image_size = size
   data, split_name = load_split(frames, mesh, split, data_dir, workdir)
-  apply_fn = tta.from_flags(model, flip, scales,
-                            model_size=None if size == model_size else model_size)
   summary = evaluation.evaluate(evaluation.compile_eval_step(frames, mesh, model, apply_fn),
                                 variables, data)
   summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)})
