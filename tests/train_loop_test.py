@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, saved_params, tiny_config
 from unet_jax import checkpointing
+from unet_jax import evaluate
 from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import models
@@ -142,3 +143,39 @@ def test_a_weight_averaged_run_evaluates_and_serves_its_average(synthetic_dir, t
   # Turning the average on or off for a workdir is refused by name.
   with pytest.raises(ValueError, match=r'ema_decay: checkpoint 0\.8, config 0\.0'):
     train.train_and_evaluate(tiny_config(synthetic_dir, num_epochs=4), str(tmp_path))
+
+
+def test_a_weight_averaged_run_also_scores_its_optimizer_weights(synthetic_dir, tmp_path):
+  averaged_dir, plain_dir = tmp_path / 'averaged', tmp_path / 'plain'
+  final = train.train_and_evaluate(tiny_config(synthetic_dir, ema_decay=0.8, num_epochs=3),
+                                   str(averaged_dir))
+  train.train_and_evaluate(tiny_config(synthetic_dir, num_epochs=3), str(plain_dir))
+  # The average never feeds back: the optimizer's weights are those of the same
+  # run without an average, so one run measures what the average adds.
+  config, weights, _ = checkpointing.restore_model(str(averaged_dir), 'latest',
+                                                   weight_average=False)
+  _, plain, _ = checkpointing.restore_model(str(plain_dir), 'latest')
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+  np.testing.assert_allclose(flat(weights), flat(plain), rtol=0, atol=1e-6)
+  _, average, _ = checkpointing.restore_model(str(averaged_dir), 'latest')
+  assert not np.allclose(flat(weights['params']), flat(average['params']), atol=1e-4)
+
+  plain_flags = dict(checkpoint='latest', eval_size='model', tta_flip=False, tta_scales=(1.0,))
+  summary, out_dir = evaluate.evaluate_workdir(str(averaged_dir), num_images=0, **plain_flags)
+  np.testing.assert_array_equal(summary['confusion_matrix'], final['confusion_matrix'])
+  assert summary['weights'] == 'average' and out_dir.name == f'validation-{summary["step"]}'
+  summary, out_dir = evaluate.evaluate_workdir(str(averaged_dir), num_images=0,
+                                               weight_average=False, **plain_flags)
+  mesh = sharding.create_mesh()
+  data = input_pipeline.create_datasets(config, mesh)[config.eval_split]
+  model = models.unet_from_config(config.model)
+  direct = evaluation.evaluate(evaluation.compile_eval_step(config, mesh, model), weights, data)
+  np.testing.assert_array_equal(summary['confusion_matrix'], direct['confusion_matrix'])
+  assert out_dir.name == f'validation-{summary["step"]}-no_average'
+  record = json.loads((out_dir / 'metrics.json').read_text())
+  assert record['weights'] == evaluate.AVERAGE_LEFT_OUT
+  assert "not the run's moving average" in (out_dir / 'report.md').read_text()
+  # A run without an average has only the optimizer's weights; the flag changes nothing.
+  summary, out_dir = evaluate.evaluate_workdir(str(plain_dir), num_images=0,
+                                               weight_average=False, **plain_flags)
+  assert summary['weights'] == 'optimizer' and out_dir.name == f'validation-{summary["step"]}'

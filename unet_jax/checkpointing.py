@@ -190,13 +190,17 @@ def model_template(config, sharding) -> dict:
                       dict(shapes))
 
 
-def restore_model(workdir: str, checkpoint: str = 'best', sharding=None):
+def restore_model(workdir: str, checkpoint: str = 'best', sharding=None,
+                  weight_average: bool = True):
   """A workdir's model variables, for evaluation, prediction and export.
 
   Reads only the model's part of a training checkpoint (parameters and
   batch-norm statistics, not the optimizer state), against the shapes of
   `models.unet_from_config(config.model)`; no optimizer is built. A run
-  trained with `ema_decay` > 0 gives its weight average, which it evaluated.
+  trained with `ema_decay` > 0 gives its weight average, which it evaluated,
+  or with weight_average=False the weights the optimizer reached at the same
+  step (what the run would have been without the average: the average never
+  feeds back into training).
 
   Args:
     workdir: a training workdir (config.json and checkpoints/).
@@ -221,7 +225,7 @@ def restore_model(workdir: str, checkpoint: str = 'best', sharding=None):
     step = select_step(manager, checkpoint, workdir)
     sharding = sharding or sharding_lib.replicated(sharding_lib.create_mesh())
     template = model_template(config, sharding)
-    averaged = config.get('ema_decay', 0.0) > 0
+    averaged = weight_average and config.get('ema_decay', 0.0) > 0
     if averaged:
       template = {'ema': template}
     restore_args = ocp.checkpoint_utils.construct_restore_args(template)

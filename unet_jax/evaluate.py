@@ -2,7 +2,8 @@ r"""Evaluates a trained checkpoint and writes a report a person can read.
 
     python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
         [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8] \
-        [--eval_size=480,640|model] [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25]
+        [--eval_size=480,640|model] [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] \
+        [--noweight_average]
 
 Works from the workdir alone: its config.json and checkpoints. Whole frames
 are scored at the config's `inference.eval_size` (CARLA's native 480x640 in
@@ -12,7 +13,12 @@ test-time augmentation (`inference.tta_flip`, `inference.tta_scales`);
 the flags override both. With
 --data_dir it evaluates every pair of any CARLA-format folder instead of a
 split, preprocessed as in training; the split is then called
-`folder-<folder name>`. Writes `<workdir>/eval/<split>-<step>/`:
+`folder-<folder name>`. A run that kept a moving average of its weights
+(`ema_decay` > 0) is scored with that average, as training scored it;
+`--noweight_average` scores the optimizer's own weights of the same
+checkpoint instead, so one run measures what the average adds. Writes
+`<workdir>/eval/<split>-<step>/` (`<split>-<step>-no_average/` for the
+latter):
 
 * metrics.json: pixel accuracy, mean IoU, mean class accuracy, loss,
   per-class IoU, accuracy and pixel count by name, the confusion matrix;
@@ -58,6 +64,8 @@ from unet_jax import visualize
 from unet_jax import xla_flags
 
 EVAL_DIR = 'eval'
+# The weights scored of a run that kept a moving average, without it.
+AVERAGE_LEFT_OUT = 'optimizer, not the average'
 
 
 def load_split(config, mesh, split: str, data_dir: str | None, workdir: str):
@@ -173,6 +181,11 @@ def report_markdown(record: dict, has_examples: bool) -> str:
     lines += [f'Scored on whole frames at {height}x{width} (the model sees them at '
               f'{model_h}x{model_w}); test-time augmentation: '
               f'{tta.describe(record["tta"]["flip"], record["tta"]["scales"])}.', '']
+  if record.get('weights') == 'average':
+    lines += ["Weights: the run's moving average (`ema_decay`).", '']
+  elif record.get('weights') == AVERAGE_LEFT_OUT:
+    lines += ["Weights: the optimizer's, not the run's moving average (`--noweight_average`).",
+              '']
   lines += [
       '| metric | value |',
       '|---|---|',
@@ -238,26 +251,38 @@ def scoring_size(config, eval_size=None) -> tuple[int, int]:
   return size
 
 
+def weights_used(config, weight_average: bool = True) -> str:
+  """Which weights are scored: 'average' (the moving average a run with
+  `ema_decay` > 0 kept), 'optimizer' (a run without one) or AVERAGE_LEFT_OUT
+  (a run with one, weight_average=False)."""
+  if config.get('ema_decay', 0.0) > 0:
+    return 'average' if weight_average else AVERAGE_LEFT_OUT
+  return 'optimizer'
+
+
 def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
                      data_dir: str | None = None, num_images: int = 8,
                      tta_flip: bool | None = None, tta_scales=None,
-                     skip_bad_pairs: bool | None = None, eval_size=None):
+                     skip_bad_pairs: bool | None = None, eval_size=None,
+                     weight_average: bool = True):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
 
   eval_size, tta_flip and tta_scales: where given, the size whole frames are
   scored at (`scoring_size`) and the test-time augmentation (unet_jax.tta);
   None takes the training config's `inference` field. skip_bad_pairs: skip
   unreadable pairs with a warning instead of stopping; None keeps the
-  training config's setting.
+  training config's setting. weight_average=False scores the optimizer's
+  weights of a run that kept a moving average (`ema_decay` > 0).
 
   Returns:
     (summary, out_dir): `evaluation.evaluate`'s summary plus 'step',
-    'eval_size' and 'tta' (what was used), and the report folder
-    `<workdir>/eval/<split>-<step>`.
+    'eval_size', 'tta' and 'weights' (what was used), and the report folder
+    `<workdir>/eval/<split>-<step>[-no_average]`.
   """
   mesh = sharding.create_mesh()
   config, variables, step = checkpointing.restore_model(
-      workdir, checkpoint, sharding=sharding.replicated(mesh))
+      workdir, checkpoint, sharding=sharding.replicated(mesh), weight_average=weight_average)
+  weights = weights_used(config, weight_average)
   if skip_bad_pairs is not None:
     config.data.skip_bad_pairs = skip_bad_pairs
   model = models.unet_from_config(config.model)
@@ -279,15 +304,18 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
   data, split_name = load_split(frames, mesh, split, data_dir, workdir)
   summary = evaluation.evaluate(evaluation.compile_eval_step(frames, mesh, model, apply_fn),
                                 variables, data)
-  summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)})
+  summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)},
+                 weights=weights)
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
                               apply_fn)
-  out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}'
+  suffix = '-no_average' if weights == AVERAGE_LEFT_OUT else ''
+  out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}{suffix}'
   if jax.process_index() == 0:
     record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
                             num_examples=data.num_examples, data_dir=data_dir,
                             class_names=classes.CLASS_NAMES)
-    record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'])
+    record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'],
+                  weights=weights)
     write_report(out_dir, record, examples)
     logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
   return summary, out_dir
@@ -313,6 +341,10 @@ def define_flags() -> None:
   flags.DEFINE_bool('skip_bad_pairs', None,
                     'Skip unreadable image/mask pairs with a warning (default: the training '
                     "config's data.skip_bad_pairs).")
+  flags.DEFINE_bool('weight_average', True,
+                    'For a run that kept a moving average of its weights (ema_decay > 0): score '
+                    "the average (as training did) or, with --noweight_average, the optimizer's "
+                    'weights of the same checkpoint.')
   flags.mark_flag_as_required('workdir')
 
 
@@ -323,11 +355,14 @@ def main(argv):
   console.setup(verbose=cli.verbose())
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                       FLAGS.data_dir, FLAGS.num_images, FLAGS.tta_flip,
-                                      FLAGS.tta_scales, FLAGS.skip_bad_pairs, FLAGS.eval_size)
+                                      FLAGS.tta_scales, FLAGS.skip_bad_pairs, FLAGS.eval_size,
+                                      FLAGS.weight_average)
   height, width = summary['eval_size']
   augmentation = tta.describe(summary['tta']['flip'], summary['tta']['scales'])
+  weights = {'average': ', weight average', AVERAGE_LEFT_OUT: ", optimizer's weights"}.get(
+      summary['weights'], '')
   print(f'step {summary["step"]} ({height}x{width} frames, test-time augmentation: '
-        f'{augmentation}): pixel accuracy {summary["pixel_accuracy"]:.4f}, '
+        f'{augmentation}{weights}): pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '
         f'{summary["mean_class_accuracy"]:.4f}\nreport: {out_dir / "report.md"}')
 
