@@ -207,6 +207,8 @@ def restore_model(workdir: str, checkpoint: str = 'best', sharding=None,
     checkpoint: 'best' (highest validation mean IoU), 'latest' or a step.
     sharding: where the arrays go; by default replicated over every device
       here, whatever devices the checkpoint was written from.
+    weight_average: for a run with `ema_decay` > 0, its average (True) or
+      the optimizer's weights (False); a run without one has only the latter.
 
   Returns:
     (config, variables, step): the workdir's config, {'params': ...,
