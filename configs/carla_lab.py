@@ -9,7 +9,7 @@ before the 1x1 classifier (8,640,471 parameters); 96x128 inputs, dropout 0.3
 in the two deepest blocks, Adam 1e-3, batch 32, sparse cross-entropy, no
 augmentation, 40 epochs.
 
-Expected (README, Results on real CARLA frames): on one H200 (jax 0.11.2),
+Expected (docs/quality.md, Earlier results on real CARLA frames): on one H200 (jax 0.11.2),
 about 40 s a run; validation mean IoU 0.185 +- 0.016 over 3 seeds (pixel
 accuracy 0.870) on the earlier 258-frame split scored at 96x128; on recordings
 outside ../shared, 0.193 +- 0.015 at 640x480. On the current split, scored

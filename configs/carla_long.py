@@ -8,7 +8,7 @@ weights capped at 3. Thin and distant things (road lines, poles, pedestrians)
 cover a few pixels at 96x128; at 192x256 they are learnt, and on recordings
 the model never saw every reported class improves.
 
-Expected (README, Results on real CARLA frames): on one H200 (jax 0.11.2),
+Expected (docs/quality.md, Earlier results on real CARLA frames): on one H200 (jax 0.11.2),
 about 75 s a run sharing the GPU with 7 others; validation mean IoU
 0.260 +- 0.002 over 3 seeds (pixel accuracy 0.881) on the earlier 258-frame
 split scored at 192x256. A GPU setting: on 2 CPU cores it takes hours.

@@ -40,8 +40,8 @@ four (`0.5,0.75,1.0,1.25`, 1.08 times the pixels) add 0.006 at 12 epochs
 against 0.19 with three; on the three 40-epoch models at batch 2, 0.285
 +- 0.004 against 0.280 +- 0.005 (+0.004 to +0.006 a seed).
 
-Each choice, measured against the one before it (mean IoU, 3 seeds; the
-README's Quality table has every class and command): the Lovasz term at 2.0
+Each choice, measured against the one before it (mean IoU, 3 seeds;
+docs/quality.md has every class and command): the Lovasz term at 2.0
 against 0.5, 0.261 against 0.255 at 40 epochs; rare-class windows against
 none, 0.255 against 0.248; 128x160 windows of 256x320 frames against whole
 128x160 frames, 0.248 against 0.234. The encoder at a tenth of the
@@ -112,7 +112,7 @@ def get_config(arg: str | None = None):
   config.encoder_learning_rate_multiplier = 1.0
   # Whole 256x320 frames at evaluation and prediction (sides multiples of 32);
   # training sees 128x160 windows of them after a zoom of 0.5 to 1, so one
-  # step costs what a whole 128x160 frame does (README, Quality: +0.04 Pole
+  # step costs what a whole 128x160 frame does (docs/quality.md: +0.04 Pole
   # IoU and +0.01 pixel accuracy over whole frames at 12 epochs, 3 seeds).
   config.data.image_size = (256, 320)
   config.data.train_crop_size = (128, 160)
