@@ -126,3 +126,67 @@ def test_the_command_on_two_devices_gives_the_same_metrics(trained, tmp_path):
   record = json.loads((workdir / 'eval' / f'validation-{step}' / 'metrics.json').read_text())
   np.testing.assert_array_equal(record['confusion_matrix'], trained['final']['confusion_matrix'])
   assert f'mean IoU {trained["final"]["mean_iou"]:.4f}' in result.stdout
+
+
+def test_each_recording_is_scored_on_its_own(trained, tmp_path):
+  summary, out_dir = evaluate.evaluate_workdir(str(trained['workdir']), 'validation', 'latest',
+                                               num_images=1)
+  folder = tmp_path / 'all_validation'
+  names = _copy_split_frames(trained, 'validation', folder)
+  expected = {}
+  for name in names:
+    expected.setdefault(name[:3], []).append(name)
+  per_recording = summary['per_recording']
+  assert sorted(per_recording) == sorted(expected) and len(expected) >= 2
+  for recording, group in per_recording.items():
+    assert group['num_examples'] == len(expected[recording])
+  # The recordings' matrices add up to the split's, which is training's own.
+  np.testing.assert_array_equal(sum(g['confusion_matrix'] for g in per_recording.values()),
+                                trained['final']['confusion_matrix'])
+  np.testing.assert_array_equal(summary['confusion_matrix'], trained['final']['confusion_matrix'])
+
+  # A recording's row is what a folder of that recording's frames alone scores.
+  recording = max(expected, key=lambda r: len(expected[r]))
+  alone = tmp_path / f'recording_{recording}'
+  for sub in (carla_files.IMAGE_DIR, carla_files.MASK_DIR):
+    (alone / sub).mkdir(parents=True)
+    for name in expected[recording]:
+      shutil.copy(folder / sub / f'{name}.png', alone / sub / f'{name}.png')
+  folder_summary, _ = evaluate.evaluate_workdir(str(trained['workdir']), 'validation', 'latest',
+                                                data_dir=str(alone), num_images=0)
+  np.testing.assert_array_equal(per_recording[recording]['confusion_matrix'],
+                                folder_summary['confusion_matrix'])
+  assert per_recording[recording]['mean_iou'] == folder_summary['mean_iou']
+  assert list(folder_summary['per_recording']) == [recording]
+
+  record = json.loads((out_dir / 'metrics.json').read_text())
+  rows = {r['recording']: r for r in record['per_recording']}
+  assert sorted(rows) == sorted(expected)
+  for recording, row in rows.items():
+    np.testing.assert_array_equal(row['confusion_matrix'],
+                                  per_recording[recording]['confusion_matrix'])
+    assert row['mean_iou'] == pytest.approx(per_recording[recording]['mean_iou'])
+  report = (out_dir / 'report.md').read_text()
+  assert '## Per recording' in report
+  table = [line.split('|')[1].strip() for line in report.splitlines()
+           if line.startswith('| ') and line.split('|')[1].strip() in expected]
+  assert sorted(table) == sorted(expected)
+  spread = evaluate.recording_spread(record)
+  values = [r['mean_iou'] for r in record['per_recording'] if r['mean_iou'] is not None]
+  assert spread['mean'] == pytest.approx(np.mean(values))
+  assert f'{spread["mean"]:.4f} ± {np.std(values, ddof=1):.4f}' in report
+
+
+def test_the_recording_spread_by_hand():
+  record = {'per_recording': [
+      {'recording': '000', 'mean_iou': 0.2}, {'recording': '001', 'mean_iou': 0.4},
+      {'recording': '002', 'mean_iou': None}, {'recording': '003', 'mean_iou': 0.3}]}
+  spread = evaluate.recording_spread(record)
+  # Mean of 0.2, 0.4, 0.3 is 0.3; deviations -0.1, 0.1, 0: sample variance 0.02 / 2.
+  assert spread['count'] == 3
+  assert spread['mean'] == pytest.approx(0.3)
+  assert spread['std'] == pytest.approx(0.1)
+  assert spread['lowest'] == (0.2, '000') and spread['highest'] == (0.4, '001')
+  assert evaluate.recording_spread({'per_recording': [{'recording': '7', 'mean_iou': 0.5}]})[
+      'std'] is None
+  assert evaluate.recording_spread({}) is None

@@ -304,6 +304,15 @@ def mask_source(builder: CarlaScenes, split: str):
   return builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
 
 
+def frame_names(builder: CarlaScenes, split: str) -> list[str]:
+  """The frame name of each example of `split`, in the source's order (nothing decoded)."""
+  skip = tfds.decode.SkipDecoding()
+  source = builder.as_data_source(split=split,
+                                  decoders={'image': skip, 'segmentation_mask': skip})
+  names = (source[index]['file_name'] for index in range(len(source)))
+  return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+
+
 def class_names(builder: CarlaScenes) -> list[str]:
   return list(builder.info.metadata['class_names'])
 

@@ -21,9 +21,13 @@ checkpoint instead, so one run measures what the average adds. Writes
 latter):
 
 * metrics.json: pixel accuracy, mean IoU, mean class accuracy, loss,
-  per-class IoU, accuracy and pixel count by name, the confusion matrix;
-* report.md: the numbers and the per-class table, most frequent class
-  first, with the two pictures below;
+  per-class IoU, accuracy and pixel count by name, the confusion matrix,
+  and the same for each recording scored on its own (`per_recording`; a
+  recording is the first three characters of a frame's name, as the split
+  groups frames);
+* report.md: the numbers, the per-recording table (with the IoU of the
+  config's `data.rare_classes`) and its spread, and the per-class table,
+  most frequent class first, with the two pictures below;
 * confusion.png: the row-normalised confusion matrix;
 * examples.png: `num_images` frames as image | truth | prediction | errors.
 
@@ -49,6 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unet_jax import carla_dataset
 from unet_jax import checkpointing
 from unet_jax import classes
 from unet_jax import cli
@@ -133,18 +138,23 @@ def _number(value: float) -> float | None:
   return None if math.isnan(value) else float(value)
 
 
-def metrics_record(summary: dict, *, split: str, step: int, workdir: str,
-                   num_examples: int, data_dir: str | None,
-                   class_names: Sequence[str]) -> dict:
-  """The summary as JSON-ready values, per-class numbers keyed by class name."""
-  per_class = [{
+def _per_class(summary: dict, class_names: Sequence[str]) -> list[dict]:
+  return [{
       'index': index,
       'name': class_names[index] if index < len(class_names) else f'class{index}',
       'pixel_count': int(summary['pixel_count'][index]),
       'iou': _number(summary['per_class_iou'][index]),
       'accuracy': _number(summary['per_class_accuracy'][index]),
   } for index in range(len(summary['pixel_count']))]
-  return {
+
+
+def metrics_record(summary: dict, *, split: str, step: int, workdir: str,
+                   num_examples: int, data_dir: str | None,
+                   class_names: Sequence[str]) -> dict:
+  """The summary as JSON-ready values, per-class numbers keyed by class name;
+  with the summary's 'per_recording', the same for each recording."""
+  per_class = _per_class(summary, class_names)
+  record = {
       'workdir': str(workdir),
       'split': split,
       'data_dir': None if data_dir is None else str(pathlib.Path(data_dir).resolve()),
@@ -159,6 +169,17 @@ def metrics_record(summary: dict, *, split: str, step: int, workdir: str,
       # Rows are the true class, columns the predicted class.
       'confusion_matrix': np.asarray(summary['confusion_matrix']).astype(int).tolist(),
   }
+  if 'per_recording' in summary:
+    record['per_recording'] = [{
+        'recording': recording,
+        'num_examples': int(group['num_examples']),
+        'pixel_accuracy': _number(group['pixel_accuracy']),
+        'mean_iou': _number(group['mean_iou']),
+        'mean_class_accuracy': _number(group['mean_class_accuracy']),
+        'per_class': _per_class(group, class_names),
+        'confusion_matrix': np.asarray(group['confusion_matrix']).astype(int).tolist(),
+    } for recording, group in summary['per_recording'].items()]
+  return record
 
 
 def _cell(value: float | None) -> str:
@@ -194,6 +215,9 @@ def report_markdown(record: dict, has_examples: bool) -> str:
       f'| mean class accuracy | {_cell(record["mean_class_accuracy"])} |',
       f'| loss | {_cell(record["loss"])} |',
       '',
+  ]
+  lines += _per_recording_lines(record)
+  lines += [
       '## Per class, most frequent first',
       '',
       'Classes absent from both the truth and the prediction are left out.',
@@ -216,6 +240,49 @@ def report_markdown(record: dict, has_examples: bool) -> str:
   return '\n'.join(lines)
 
 
+def recording_spread(record: dict) -> dict | None:
+  """Mean IoU across the recordings scored on their own: mean, standard
+  deviation (None for one recording), and the lowest and highest with their
+  recording; None without per-recording scores."""
+  scored = [(r['mean_iou'], r['recording']) for r in record.get('per_recording', ())
+            if r['mean_iou'] is not None]
+  if not scored:
+    return None
+  values = np.array([value for value, _ in scored])
+  return {'count': len(scored), 'mean': float(values.mean()),
+          'std': float(values.std(ddof=1)) if len(scored) > 1 else None,
+          'lowest': min(scored), 'highest': max(scored)}
+
+
+def _per_recording_lines(record: dict) -> list[str]:
+  recordings = record.get('per_recording')
+  if not recordings:
+    return []
+  spread = recording_spread(record)
+  lines = ['## Per recording', '',
+           'Each recording scored on its own (a recording is the first three characters of '
+           "a frame's name). Mean IoU counts the classes present in the recording's truth or "
+           'prediction.']
+  if spread and spread['std'] is not None:
+    (low, low_name), (high, high_name) = spread['lowest'], spread['highest']
+    lines[-1] += (f' Across the {spread["count"]} recordings: {spread["mean"]:.4f} ± '
+                  f'{spread["std"]:.4f}, from {low:.4f} ({low_name}) to {high:.4f} '
+                  f'({high_name}).')
+  shown = [name for name in record.get('report_classes', ()) if name in record['class_names']]
+  lines += ['', '| recording | frames | pixel accuracy | mean IoU |'
+            + ''.join(f' {name} IoU |' for name in shown),
+            '|---|---:|---:|---:|' + '---:|' * len(shown)]
+  for r in recordings:
+    iou = {c['name']: c['iou'] for c in r['per_class']}
+    lines.append(f'| {r["recording"]} | {r["num_examples"]} | {_cell(r["pixel_accuracy"])} '
+                 f'| {_cell(r["mean_iou"])} |' + ''.join(f' {_cell(iou[name])} |'
+                                                         for name in shown))
+  if shown:
+    lines += ['', f'{", ".join(shown)}: the config\'s `data.rare_classes`; "-" where a '
+              'recording has the class in neither its truth nor the prediction.']
+  return lines + ['']
+
+
 def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / 'metrics.json').write_text(json.dumps(record, indent=2) + '\n')
@@ -228,6 +295,14 @@ def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
         examples['predictions'], scored=examples['scored'], class_names=record['class_names'],
         titles=[f'{record["split"]} #{i}' for i in range(len(examples['images']))])
   (out_dir / 'report.md').write_text(report_markdown(record, has_examples))
+
+
+def _rare_class_names(config) -> list[str]:
+  """The config's data.rare_classes as class names (given as names or indices)."""
+  names = []
+  for entry in (config.data.get('rare_classes') or ()):
+    names.append(classes.class_name(entry) if isinstance(entry, int) else str(entry))
+  return names
 
 
 def scoring_size(config, eval_size=None) -> tuple[int, int]:
@@ -276,7 +351,9 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
 
   Returns:
     (summary, out_dir): `evaluation.evaluate`'s summary plus 'step',
-    'eval_size', 'tta' and 'weights' (what was used), and the report folder
+    'eval_size', 'tta' and 'weights' (what was used) and 'per_recording'
+    ({recording: its own metrics, confusion matrix and num_examples}), and
+    the report folder
     `<workdir>/eval/<split>-<step>[-no_average]`.
   """
   mesh = sharding.create_mesh()
@@ -302,8 +379,11 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
     frames = ml_collections.ConfigDict(config.to_dict())
     frames.data.image_size = size
   data, split_name = load_split(frames, mesh, split, data_dir, workdir)
-  summary = evaluation.evaluate(evaluation.compile_eval_step(frames, mesh, model, apply_fn),
-                                variables, data)
+  recordings = [carla_dataset.group_key(name, 'recording') for name in data.frame_names()]
+  summary = evaluation.evaluate(
+      evaluation.compile_eval_step(frames, mesh, model, apply_fn, per_example=True),
+      variables, data, groups=recordings)
+  summary['per_recording'] = summary.pop('per_group')
   summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)},
                  weights=weights)
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
@@ -315,7 +395,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                             num_examples=data.num_examples, data_dir=data_dir,
                             class_names=classes.CLASS_NAMES)
     record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'],
-                  weights=weights)
+                  weights=weights, report_classes=_rare_class_names(config))
     write_report(out_dir, record, examples)
     logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
   return summary, out_dir

@@ -308,6 +308,10 @@ class SegmentationData:
         self._frame_counts = self._count_frames(pool.map(count, range(self.num_examples)))
     return self._frame_counts.copy()
 
+  def frame_names(self) -> list[str]:
+    """The name of each example, in the order eval_batches delivers them."""
+    return carla_dataset.frame_names(self._builder, '+'.join(self.splits))
+
   def class_pixel_counts(self) -> np.ndarray:
     """int64 [num_classes]: label pixels per class over the split, at label_size."""
     return self.frame_class_counts().sum(axis=0)
