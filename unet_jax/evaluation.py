@@ -97,9 +97,10 @@ def _evaluate_groups(eval_step_fn, variables, data, groups: list) -> dict:
     weight_sum += batch_weight
   summary = _summary(confusions.sum(axis=0), loss_sum, weight_sum)
   summary['per_group'] = {}
-  for label, confusion in zip(labels, confusions):
+  sizes = np.bincount(group_index, minlength=len(labels))
+  for label, confusion, size in zip(labels, confusions, sizes):
     group = metrics_lib.summarize(confusion)
-    group.update(confusion_matrix=confusion, num_examples=groups.count(label))
+    group.update(confusion_matrix=confusion, num_examples=int(size))
     summary['per_group'][label] = group
   return summary
 
