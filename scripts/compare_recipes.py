@@ -19,6 +19,14 @@ most for driving, with wall time and training images/s; over several seeds,
 mean ± standard deviation. `<workdir>/comparison.json` (`comparison_tta_*.json`
 with test-time augmentation) holds every figure.
 
+With `--eval_size` each validation recording is also scored on its own, and
+a second table compares every recipe with the first (or `--reference`)
+recording by recording: the mean IoU difference of each recording, averaged
+over the seeds both ran, as mean ± spread across the recordings, with how many
+recordings gain. The models are meant for recordings that are not in the
+split: a gain that shows on most recordings is better evidence than one that
+comes from one or two of them, which the split's single figure cannot tell.
+
 `--eval_size=480,640` scores every recipe on whole frames at that size (the
 CARLA frames' native size), whatever size it trains at: each frame goes to
 the model at the recipe's `data.image_size` and the class probabilities come
@@ -84,6 +92,8 @@ PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained at a time, each in 
 SHARE_COMPILATION = flags.DEFINE_bool(
     'share_compilation', True, 'With --parallel: the seeds of a recipe reuse its first run\'s '
     'compiled programs (persistent compilation cache) and start once it has compiled.')
+REFERENCE = flags.DEFINE_string('reference', '', 'The recipe the others are compared with '
+                                'recording by recording (with --eval_size); empty: the first.')
 REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Train nothing: print the table of the '
                                 'runs that have finished.')
 
@@ -204,6 +214,10 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
             'eval_size': [int(n) for n in (eval_size or config.data.image_size)],
             'tta': {'flip': bool(flip), 'scales': list(tta.parse_scales(scales))},
             'per_class_iou': [float(x) for x in summary['per_class_iou']]}
+  if 'per_recording' in summary:  # scored by `evaluate_at`: each recording on its own too
+    result['per_recording_mean_iou'] = {
+        recording: float(group['mean_iou'])
+        for recording, group in summary['per_recording'].items()}
   result_file.write_text(json.dumps(result, indent=2))
   return result
 
@@ -232,6 +246,43 @@ def table(results: list[dict], class_names=REPORTED_CLASSES) -> str:
               f'{np.mean([r["images_per_second"] for r in runs]):.1f}']
     rows.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(rows)
+
+
+def _signed(value: float) -> str:
+  return f'{round(float(value), 3) + 0.0:+.3f}'  # + 0.0: no '-0.000'
+
+
+def paired_table(results: list[dict], reference: str) -> str:
+  """Each recipe against `reference`, recording by recording: the difference
+  in mean IoU of each validation recording scored on its own, averaged over
+  the seeds both recipes ran, then its mean ± standard deviation across the
+  recordings, how many recordings gain, and the lowest and highest.
+
+  Runs without per-recording scores (scored at training's own size) are left out.
+  """
+  def by_seed(name):
+    return {r.get('seed'): r['per_recording_mean_iou'] for r in results
+            if r['recipe'] == name and 'per_recording_mean_iou' in r}
+
+  base = by_seed(reference)
+  rows = ['| recipe | seeds | recordings that gain | mean IoU difference | lowest | highest |',
+          '|---|---|---|---|---|---|']
+  for name in dict.fromkeys(r['recipe'] for r in results):
+    runs = by_seed(name)
+    seeds = sorted(set(runs) & set(base), key=str)
+    if name == reference or not seeds:
+      continue
+    recordings = sorted(set.intersection(*(set(runs[s]) & set(base[s]) for s in seeds)))
+    if not recordings:
+      continue
+    diffs = np.array([np.mean([runs[s][rec] - base[s][rec] for s in seeds])
+                      for rec in recordings])
+    spread = f' ± {np.std(diffs, ddof=1):.3f}' if len(diffs) > 1 else ''
+    low, high = int(np.argmin(diffs)), int(np.argmax(diffs))
+    rows.append(f'| {name} | {len(seeds)} | {int(np.sum(diffs > 0))} of {len(diffs)} '
+                f'| {_signed(np.mean(diffs))}{spread} | {_signed(diffs[low])} ({recordings[low]}) '
+                f'| {_signed(diffs[high])} ({recordings[high]}) |')
+  return '\n'.join(rows) if len(rows) > 2 else ''
 
 
 def child_command(name: str, spec: str, overrides: list[str], seed: int) -> list[str]:
@@ -318,6 +369,9 @@ def main(argv):
   root.mkdir(parents=True, exist_ok=True)
   results, failures = [], []
   recipes = parse_recipes(CONFIGS.value, RECIPES.value)
+  if REFERENCE.value and REFERENCE.value not in recipes:
+    raise app.UsageError(f'--reference={REFERENCE.value}: not one of the recipes '
+                         f'({", ".join(recipes)})')
   if PARALLEL.value > 1 and not REPORT_ONLY.value:
     jobs = [Job(child_command(name, spec, overrides, int(seed)),
                 root / name / f'seed{seed}' / 'log.txt', name)
@@ -352,6 +406,13 @@ def main(argv):
              if any(not np.isnan(r['per_class_iou'][classes.CLASS_NAMES.index(c)])
                     for r in results)]
   print(table(results, class_names=present))
+  reference = REFERENCE.value or next(iter(recipes))
+  paired = paired_table(results, reference)
+  if paired:
+    print()
+    print(f'Against {reference}, recording by recording (mean IoU of each recording scored '
+          'on its own, the seeds both ran):')
+    print(paired)
   return 1 if failures else None
 
 

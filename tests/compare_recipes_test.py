@@ -67,6 +67,30 @@ def test_table_gives_mean_and_spread_over_seeds_and_skips_absent_classes():
   assert rows[3] == '| b | 1 | 0.700 | 0.300 | - | 10 | 5.0 |'
 
 
+def _paired(recipe, seed, per_recording):
+  return {'recipe': recipe, 'seed': seed, 'per_recording_mean_iou': per_recording}
+
+
+def test_the_paired_table_by_hand():
+  results = [
+      _paired('base', 0, {'000': 0.20, '001': 0.30, '007': 0.40}),
+      _paired('base', 1, {'000': 0.22, '001': 0.28, '007': 0.40}),
+      _paired('new', 0, {'000': 0.25, '001': 0.29, '007': 0.44}),
+      _paired('new', 1, {'000': 0.25, '001': 0.31, '007': 0.42}),
+      _paired('new', 2, {'000': 0.90, '001': 0.90, '007': 0.90}),  # base lacks seed 2
+      _paired('one_seed', 1, {'000': 0.20, '001': 0.30, '009': 0.50}),
+      {'recipe': 'unscored', 'seed': 0},  # no per-recording scores: left out
+  ]
+  rows = compare_recipes.paired_table(results, 'base').splitlines()
+  # new against base on seeds 0 and 1: 000 (+0.05 +0.03)/2 = +0.04, 001 (-0.01 +0.03)/2 =
+  # +0.01, 007 (+0.04 +0.02)/2 = +0.03; mean +0.0267, sample std 0.0153.
+  assert rows[2] == '| new | 2 | 3 of 3 | +0.027 ± 0.015 | +0.010 (001) | +0.040 (000) |'
+  # one_seed on seed 1 and the recordings both hold: 000 -0.02, 001 +0.02.
+  assert rows[3] == '| one_seed | 1 | 1 of 2 | +0.000 ± 0.028 | -0.020 (000) | +0.020 (001) |'
+  assert len(rows) == 4
+  assert compare_recipes.paired_table(results, 'unscored') == ''
+
+
 def _tiny_scenes(tmp_path) -> list[str]:
   """Overrides for 12 synthetic scenes in tmp_path, a quarter of them validation."""
   return [f'data.data_dir={tmp_path / "scenes"}', 'data.synthetic_scenes=12',
@@ -95,6 +119,13 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   frames = sum(carla_dataset.split_of(n, 'name', 0.25, 0.0) == 'validation' for n in names)
   assert frames >= 1 and summary['confusion_matrix'].sum() == frames * 48 * 64
   assert 0 <= summary['mean_iou'] <= 1
+  # Each validation recording scored on its own, as evaluate's report gives it.
+  recordings = {carla_dataset.group_key(n, 'recording') for n in names
+                if carla_dataset.split_of(n, 'name', 0.25, 0.0) == 'validation'}
+  assert set(plain['per_recording_mean_iou']) == recordings
+  assert plain['per_recording_mean_iou'] == {
+      name: pytest.approx(float(group['mean_iou']))
+      for name, group in summary['per_recording'].items()}
 
 
 def test_a_stopped_run_is_not_scored_and_the_same_call_resumes_it(tmp_path, monkeypatch):
@@ -178,3 +209,29 @@ def test_parallel_runs_match_serial_ones_and_failures_are_named(tmp_path):
   a = json.loads((runs / 'tiny' / 'seed1' / 'result.json').read_text())
   b = json.loads((tmp_path / 'serial' / 'tiny' / 'seed1' / 'result.json').read_text())
   assert a['per_class_iou'] == b['per_class_iou'] and a['mean_iou'] == b['mean_iou']
+
+
+def test_the_report_compares_recipes_recording_by_recording(tmp_path):
+  for recipe, seed, gain in (('base', 0, 0.0), ('new', 0, 0.02), ('new', 1, 0.05)):
+    run = tmp_path / recipe / f'seed{seed}'
+    run.mkdir(parents=True)
+    result = dict(_result(recipe, 0.9, 0.3 + gain, 0.0), seed=seed,
+                  per_recording_mean_iou={'000': 0.2 + gain, '001': 0.4 - gain})
+    (run / 'result.json').write_text(json.dumps(result))
+  script = str(REPO / 'scripts' / 'compare_recipes.py')
+
+  def report(*args):
+    return subprocess.run([sys.executable, script, f'--workdir={tmp_path}', '--report_only',
+                           '--seeds=0,1', f'--recipe=base={CARLA}', f'--recipe=new={CARLA}',
+                           *args], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+  shown = report()
+  assert shown.returncode == 0, shown.stderr
+  # Only seed 0 is shared: 000 +0.02, 001 -0.02.
+  assert 'Against base, recording by recording' in shown.stdout
+  assert '| new | 1 | 1 of 2 | +0.000 ± 0.028 | -0.020 (001) | +0.020 (000) |' in shown.stdout
+  against_new = report('--reference=new')
+  assert '| base | 1 | 1 of 2 |' in against_new.stdout
+  wrong = report('--reference=missing')
+  assert wrong.returncode != 0 and '--reference=missing: not one of the recipes' in wrong.stderr
