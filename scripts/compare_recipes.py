@@ -69,6 +69,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from unet_jax import classes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import tta  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -370,8 +371,8 @@ def main(argv):
   results, failures = [], []
   recipes = parse_recipes(CONFIGS.value, RECIPES.value)
   if REFERENCE.value and REFERENCE.value not in recipes:
-    raise app.UsageError(f'--reference={REFERENCE.value}: not one of the recipes '
-                         f'({", ".join(recipes)})')
+    raise errors.UserError(f'--reference={REFERENCE.value}: not one of the recipes '
+                           f'({", ".join(recipes)})')
   if PARALLEL.value > 1 and not REPORT_ONLY.value:
     jobs = [Job(child_command(name, spec, overrides, int(seed)),
                 root / name / f'seed{seed}' / 'log.txt', name)
