@@ -26,6 +26,10 @@ over the seeds both ran, as mean ± spread across the recordings, with how many
 recordings gain. The models are meant for recordings that are not in the
 split: a gain that shows on most recordings is better evidence than one that
 comes from one or two of them, which the split's single figure cannot tell.
+The table says whether each pair was trained on the same kind of machine
+(`result.json`'s `machine`: the CPU's model and cores, or the accelerators):
+a run repeats exactly on one machine, not on another, where the same seed
+can differ as much as two seeds do.
 
 `--eval_size=480,640` scores every recipe on whole frames at that size (the
 CARLA frames' native size), whatever size it trains at: each frame goes to
@@ -55,6 +59,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 import time
@@ -63,6 +68,7 @@ from typing import NamedTuple
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -170,6 +176,25 @@ def result_name(flip: bool = False, scales=(1.0,)) -> str:
   return 'result_tta' + ('_flip' if flip else '') + '_' + ','.join(f'{s:g}' for s in scales) + '.json'
 
 
+def training_machine() -> str:
+  """The machine training runs on, as `result.json` records it: the
+  accelerators' kind, or the CPU's model name and core count. A run repeats
+  exactly on one machine but not on another, so a one-seed comparison is
+  read against a reference trained on the same kind."""
+  device = jax.devices()[0]
+  if device.platform != 'cpu':
+    return f'{jax.device_count()} x {device.device_kind}'
+  name = platform.processor() or 'unknown CPU'
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        name = line.split(':', 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return f'{name}, {os.cpu_count()} cores'
+
+
 def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
             workdir: pathlib.Path, eval_size=(), flip: bool = False, scales=(1.0,)) -> dict:
   """Trains (or resumes) one run; its figures, also left in `result_name(...)`.
@@ -187,7 +212,8 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   config = build_config(spec, overrides, seed, split)
   trained = workdir / 'result.json'
   if trained.exists():  # scored before without test-time augmentation
-    wall = json.loads(trained.read_text())['wall_seconds']
+    earlier_result = json.loads(trained.read_text())
+    wall, machine = earlier_result['wall_seconds'], earlier_result.get('machine')
     summary = None
   else:
     # Wall time of earlier calls that a signal stopped: a resumed run reports its whole time.
@@ -195,6 +221,7 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, str(workdir))
     wall = time.perf_counter() - start + (float(earlier.read_text()) if earlier.exists() else 0.0)
+    machine = training_machine()
     if summary.get('stopped'):  # a signal: score nothing, leave the run to resume
       earlier.write_text(f'{wall:.1f}')
       raise SystemExit(f'{workdir}: training stopped at step {summary["step"]} before its end; '
@@ -209,7 +236,7 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   result = {'recipe': name, 'config': spec, 'overrides': overrides, 'seed': seed,
             'pixel_accuracy': summary['pixel_accuracy'], 'mean_iou': summary['mean_iou'],
             'mean_class_accuracy': summary['mean_class_accuracy'], 'iou': iou,
-            'wall_seconds': wall,
+            'wall_seconds': wall, 'machine': machine,
             'images_per_second': float(np.median(rates)) if rates else float('nan'),
             'epochs': config.num_epochs, 'image_size': list(config.data.image_size),
             'eval_size': [int(n) for n in (eval_size or config.data.image_size)],
@@ -257,7 +284,10 @@ def paired_table(results: list[dict], reference: str) -> str:
   """Each recipe against `reference`, recording by recording: the difference
   in mean IoU of each validation recording scored on its own, averaged over
   the seeds both recipes ran, then its mean ± standard deviation across the
-  recordings, how many recordings gain, and the lowest and highest.
+  recordings, how many recordings gain, and the lowest and highest; last,
+  whether each pair was trained on the same kind of machine ("no" when one
+  was not: the same seed differs between machines as much as two seeds do;
+  "unknown" when a run does not say).
 
   Runs without per-recording scores (scored at training's own size) are left out.
   """
@@ -265,11 +295,15 @@ def paired_table(results: list[dict], reference: str) -> str:
     return {r.get('seed'): r['per_recording_mean_iou'] for r in results
             if r['recipe'] == name and 'per_recording_mean_iou' in r}
 
-  base = by_seed(reference)
-  rows = ['| recipe | seeds | recordings that gain | mean IoU difference | lowest | highest |',
-          '|---|---|---|---|---|---|']
+  def machines(name):
+    return {r.get('seed'): r.get('machine') for r in results if r['recipe'] == name}
+
+  base, base_machines = by_seed(reference), machines(reference)
+  rows = ['| recipe | seeds | recordings that gain | mean IoU difference | lowest | highest '
+          '| same machine |',
+          '|---|---|---|---|---|---|---|']
   for name in dict.fromkeys(r['recipe'] for r in results):
-    runs = by_seed(name)
+    runs, run_machines = by_seed(name), machines(name)
     seeds = sorted(set(runs) & set(base), key=str)
     if name == reference or not seeds:
       continue
@@ -280,9 +314,14 @@ def paired_table(results: list[dict], reference: str) -> str:
                       for rec in recordings])
     spread = f' ± {np.std(diffs, ddof=1):.3f}' if len(diffs) > 1 else ''
     low, high = int(np.argmin(diffs)), int(np.argmax(diffs))
+    pairs = [(run_machines.get(s), base_machines.get(s)) for s in seeds]
+    if any(a and b and a != b for a, b in pairs):
+      same = 'no'
+    else:
+      same = 'yes' if all(a and b for a, b in pairs) else 'unknown'
     rows.append(f'| {name} | {len(seeds)} | {int(np.sum(diffs > 0))} of {len(diffs)} '
                 f'| {_signed(np.mean(diffs))}{spread} | {_signed(diffs[low])} ({recordings[low]}) '
-                f'| {_signed(diffs[high])} ({recordings[high]}) |')
+                f'| {_signed(diffs[high])} ({recordings[high]}) | {same} |')
   return '\n'.join(rows) if len(rows) > 2 else ''
 
 

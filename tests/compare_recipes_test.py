@@ -67,8 +67,9 @@ def test_table_gives_mean_and_spread_over_seeds_and_skips_absent_classes():
   assert rows[3] == '| b | 1 | 0.700 | 0.300 | - | 10 | 5.0 |'
 
 
-def _paired(recipe, seed, per_recording):
-  return {'recipe': recipe, 'seed': seed, 'per_recording_mean_iou': per_recording}
+def _paired(recipe, seed, per_recording, machine='AMD EPYC, 2 cores'):
+  return {'recipe': recipe, 'seed': seed, 'per_recording_mean_iou': per_recording,
+          'machine': machine}
 
 
 def test_the_paired_table_by_hand():
@@ -78,16 +79,24 @@ def test_the_paired_table_by_hand():
       _paired('new', 0, {'000': 0.25, '001': 0.29, '007': 0.44}),
       _paired('new', 1, {'000': 0.25, '001': 0.31, '007': 0.42}),
       _paired('new', 2, {'000': 0.90, '001': 0.90, '007': 0.90}),  # base lacks seed 2
-      _paired('one_seed', 1, {'000': 0.20, '001': 0.30, '009': 0.50}),
+      _paired('one_seed', 1, {'000': 0.20, '001': 0.30, '009': 0.50},
+              machine='Intel Xeon, 2 cores'),
+      _paired('older', 0, {'000': 0.20, '001': 0.30, '007': 0.40}, machine=None),
       {'recipe': 'unscored', 'seed': 0},  # no per-recording scores: left out
   ]
   rows = compare_recipes.paired_table(results, 'base').splitlines()
   # new against base on seeds 0 and 1: 000 (+0.05 +0.03)/2 = +0.04, 001 (-0.01 +0.03)/2 =
   # +0.01, 007 (+0.04 +0.02)/2 = +0.03; mean +0.0267, sample std 0.0153.
-  assert rows[2] == '| new | 2 | 3 of 3 | +0.027 ± 0.015 | +0.010 (001) | +0.040 (000) |'
-  # one_seed on seed 1 and the recordings both hold: 000 -0.02, 001 +0.02.
-  assert rows[3] == '| one_seed | 1 | 1 of 2 | +0.000 ± 0.028 | -0.020 (000) | +0.020 (001) |'
-  assert len(rows) == 4
+  assert rows[2] == ('| new | 2 | 3 of 3 | +0.027 ± 0.015 | +0.010 (001) | +0.040 (000) '
+                     '| yes |')
+  # one_seed on seed 1 and the recordings both hold: 000 -0.02, 001 +0.02; trained on
+  # another machine than the reference's seed 1.
+  assert rows[3] == ('| one_seed | 1 | 1 of 2 | +0.000 ± 0.028 | -0.020 (000) | +0.020 (001) '
+                     '| no |')
+  # A run from before the machine was recorded: equal scores, an unknown machine.
+  assert rows[4] == ('| older | 1 | 0 of 3 | +0.000 ± 0.000 | +0.000 (000) | +0.000 (000) '
+                     '| unknown |')
+  assert len(rows) == 5
   assert compare_recipes.paired_table(results, 'unscored') == ''
 
 
@@ -111,6 +120,9 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   assert result['image_size'] == [32, 32] and result['eval_size'] == [48, 64]
   assert result['tta'] == {'flip': True, 'scales': [1.0]}
   assert plain['tta'] == {'flip': False, 'scales': [1.0]}
+  # The machine that trained, kept when the run is scored again.
+  assert plain['machine'] == compare_recipes.training_machine()
+  assert plain['machine'].endswith(f'{os.cpu_count()} cores') and result['machine'] == plain['machine']
   assert result['wall_seconds'] == plain['wall_seconds']
   assert json.loads((tmp_path / 'run' / 'result.json').read_text())['mean_iou'] == plain['mean_iou']
   config = compare_recipes.build_config(f'{CARLA}:smoke', overrides, 0, 'validation')
