@@ -28,7 +28,7 @@ split: a gain that shows on most recordings is better evidence than one that
 comes from one or two of them, which the split's single figure cannot tell.
 The table says whether each pair was trained on the same kind of machine
 (`result.json`'s `machine`: the CPU's model and cores, or the accelerators):
-a run repeats exactly on one machine, not on another, where the same seed
+a run repeats on one machine, not on another, where the same seed
 can differ as much as two seeds do.
 
 `--eval_size=480,640` scores every recipe on whole frames at that size (the
@@ -179,7 +179,7 @@ def result_name(flip: bool = False, scales=(1.0,)) -> str:
 def training_machine() -> str:
   """The machine training runs on, as `result.json` records it: the
   accelerators' kind, or the CPU's model name and core count. A run repeats
-  exactly on one machine but not on another, so a one-seed comparison is
+  on one machine but not on another, so a one-seed comparison is
   read against a reference trained on the same kind."""
   device = jax.devices()[0]
   if device.platform != 'cpu':
