@@ -23,7 +23,7 @@ rare class (Pedestrian, Pole, TrafficSign, TrafficLight;
 
 Expected (validation recordings, whole 480x640 frames; README, Quality on
 recordings the model never saw), on a 2-core CPU (AMD EPYC, jax 0.12): 40
-epochs (3120 steps of batch 4) in 103 to 125 minutes alone, pixel accuracy
+epochs (3120 steps of batch 4) in 103 to 134 minutes alone, pixel accuracy
 0.910 +- 0.005, mean IoU 0.266 +- 0.005 (seeds 0, 1, 2: 0.271, 0.267,
 0.261), Vehicles 0.49, RoadLine 0.42, Pole 0.23 (the model alone, as
 training and `compare_recipes.py` score it); with
