@@ -98,6 +98,20 @@ def test_the_report_holds_every_metric_and_both_figures(trained):
   counts = [by_name[name]['pixel_count'] for name in table]
   assert sorted(table) == sorted(c['name'] for c in present)
   assert counts == sorted(counts, reverse=True)
+  # Where the errors go: Road's recall is its accuracy, its precision and the
+  # largest share of its pixels given to another class come from the matrix.
+  errors = report.split('## Where the errors go')[1].split('## Confusion matrix')[0]
+  rows = {line.split('|')[1].strip(): [cell.strip() for cell in line.split('|')[2:-1]]
+          for line in errors.splitlines() if line.startswith('| ') and line.count('|') == 7}
+  assert set(rows) - {'class'} == {c['name'] for c in present}
+  recall, precision, ratio, missed, _ = rows['Road']
+  assert recall == f'{road["accuracy"]:.4f}'
+  assert precision == f'{confusion[7, 7] / confusion[:, 7].sum():.4f}'
+  assert ratio == f'{confusion[:, 7].sum() / confusion[7].sum():.2f}'
+  others = np.delete(confusion[7], 7)
+  assert others.max() > 0  # the tiny model misses some road
+  assert missed.startswith(f'{record["class_names"][np.delete(np.arange(23), 7)[others.argmax()]]} '
+                           f'{100 * others.max() / confusion[7].sum():.1f}%')
 
   with Image.open(out_dir / 'examples.png') as examples, \
        Image.open(out_dir / 'confusion.png') as heat_map:

@@ -26,8 +26,11 @@ latter):
   recording is the first three characters of a frame's name, as the split
   groups frames);
 * report.md: the numbers, the per-recording table (with the IoU of the
-  config's `data.rare_classes`) and its spread, and the per-class table,
-  most frequent class first, with the two pictures below;
+  config's `data.rare_classes`) and its spread, the per-class table,
+  most frequent class first, where each class's errors go (recall,
+  precision, predicted over true pixels, the classes its pixels went to
+  and the true classes of its false predictions), and the two pictures
+  below;
 * confusion.png: the row-normalised confusion matrix;
 * examples.png: `num_images` frames as image | truth | prediction | errors.
 
@@ -62,6 +65,7 @@ from unet_jax import errors
 from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
+from unet_jax import metrics as metrics_lib
 from unet_jax import models
 from unet_jax import sharding
 from unet_jax import tta
@@ -230,6 +234,7 @@ def report_markdown(record: dict, has_examples: bool) -> str:
       continue
     lines.append(f'| {c["name"]} | {c["pixel_count"]} | {100 * c["pixel_count"] / total:.2f}% '
                  f'| {_cell(c["iou"])} | {_cell(c["accuracy"])} |')
+  lines += _error_lines(record)
   lines += ['', '## Confusion matrix', '',
             'Each row is a true class; the numbers are the percentage of its pixels given '
             'to each predicted class.', '', '![confusion matrix](confusion.png)', '']
@@ -238,6 +243,31 @@ def report_markdown(record: dict, has_examples: bool) -> str:
               'Image, ground truth, prediction, and in red where they disagree.', '',
               '![examples](examples.png)', '']
   return '\n'.join(lines)
+
+
+def _error_lines(record: dict) -> list[str]:
+  """The 'where the errors go' table, most frequent class first."""
+  names = record['class_names']
+  counts = {c['name']: c['pixel_count'] for c in record['per_class']}
+  rows = sorted(metrics_lib.error_breakdown(np.asarray(record['confusion_matrix'])),
+                key=lambda b: -counts[names[b['index']]])
+
+  def shares(pairs):
+    return ', '.join(f'{names[j]} {100 * share:.1f}%' for j, share in pairs) or '-'
+
+  lines = ['', '## Where the errors go', '',
+           "Recall: the share of a class's pixels predicted as it; precision: the share of "
+           'the pixels predicted as it that are it. Missed pixels: the classes its pixels were '
+           'given instead (share of its pixels); its false predictions: the true classes of '
+           'the pixels wrongly given to it (share of its predictions).', '',
+           '| class | recall | precision | predicted / true pixels | missed pixels went to '
+           '| its false predictions were |',
+           '|---|---:|---:|---:|---|---|']
+  for b in rows:
+    ratio = '-' if b['predicted_over_truth'] is None else f'{b["predicted_over_truth"]:.2f}'
+    lines.append(f'| {names[b["index"]]} | {_cell(b["recall"])} | {_cell(b["precision"])} '
+                 f'| {ratio} | {shares(b["missed_as"])} | {shares(b["mistaken_for"])} |')
+  return lines
 
 
 def recording_spread(record: dict) -> dict | None:

@@ -51,3 +51,41 @@ def summarize(confusion: np.ndarray) -> dict:
       'per_class_accuracy': class_accuracy,
       'pixel_count': truth.astype(np.int64),
   }
+
+
+def error_breakdown(confusion: np.ndarray, top: int = 2) -> list[dict]:
+  """Where each class's errors go, for the classes in the truth or the prediction.
+
+  Per class (rows are the truth, as in `confusion_matrix`): 'recall', the
+  share of its true pixels predicted as it (None when it is not in the
+  truth); 'precision', the share of the pixels predicted as it that are it
+  (None when never predicted); 'predicted_over_truth', its predicted pixels
+  over its true pixels (None when not in the truth); 'missed_as', the `top`
+  other classes its true pixels went to most, as (class, share of its true
+  pixels); 'mistaken_for', the `top` true classes of the pixels wrongly
+  predicted as it, as (class, share of its predicted pixels). Shares of zero
+  are left out; ties go to the lower class index.
+  """
+  confusion = np.asarray(confusion, dtype=np.float64)
+  truth = confusion.sum(axis=1)
+  predicted = confusion.sum(axis=0)
+
+  def largest(counts, total, own):
+    order = np.argsort(-counts, kind='stable')
+    return [(int(j), float(counts[j] / total)) for j in order
+            if j != own and counts[j] > 0][:top]
+
+  breakdown = []
+  for c in range(confusion.shape[0]):
+    if truth[c] == 0 and predicted[c] == 0:
+      continue
+    hit = confusion[c, c]
+    breakdown.append({
+        'index': c,
+        'recall': float(hit / truth[c]) if truth[c] else None,
+        'precision': float(hit / predicted[c]) if predicted[c] else None,
+        'predicted_over_truth': float(predicted[c] / truth[c]) if truth[c] else None,
+        'missed_as': largest(confusion[c], truth[c], c) if truth[c] else [],
+        'mistaken_for': largest(confusion[:, c], predicted[c], c) if predicted[c] else [],
+    })
+  return breakdown
