@@ -165,6 +165,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # epochs, 3 seeds: mean IoU 0.226 against 0.216 without (README).
   config.inference.tta_flip = True
   config.inference.tta_scales = (1.0, 1.25, 1.5)
+  # Class-weight prior taken out of the predictions (unet_jax.prior_correction):
+  # s * log(class weight) subtracted from each class's log-probability; 0 keeps
+  # the model as trained, 1 undoes class_weighting.
+  config.inference.prior_correction = 0.0
 
   # ---- multi-host (unet_jax.distributed) ----
   # Start-up through jax.distributed.initialize: 'auto' when the environment

@@ -35,8 +35,10 @@ can differ as much as two seeds do.
 CARLA frames' native size), whatever size it trains at: each frame goes to
 the model at the recipe's `data.image_size` and the class probabilities come
 back to the frame's pixels (unet_jax.tta). `--tta_flip` and `--tta_scales`
-add test-time augmentation to that evaluation; on finished runs they score
-the trained model again (into `result_tta_*.json`) without training.
+add test-time augmentation to that evaluation, and `--prior_correction=S`
+takes training's class-weight prior out of the predictions at strength S
+(unet_jax.prior_correction); on finished runs they score the trained model
+again (into `result_tta_*.json`, `result_prior*.json`) without training.
 
 `--parallel=N` trains N runs at a time side by side, each in its own process
 (one accelerator shared, its memory allocated as needed), with its console
@@ -77,6 +79,7 @@ from unet_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from unet_jax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import prior_correction  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import tta  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -94,6 +97,8 @@ EVAL_SIZE = flags.DEFINE_list('eval_size', [], 'height,width to score whole fram
                               '480,640, native CARLA); empty: each recipe at its own size.')
 TTA_FLIP = flags.DEFINE_bool('tta_flip', False, 'Test-time augmentation: add mirrored views.')
 TTA_SCALES = flags.DEFINE_list('tta_scales', ['1.0'], 'Test-time augmentation: view scales.')
+PRIOR = flags.DEFINE_float('prior_correction', 0.0, "Strength of the class-weight prior taken "
+                           'out of the predictions (unet_jax.prior_correction); 0: none.')
 PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs trained at a time, each in its own '
                                 'process (1: one after the other in this one).')
 SHARE_COMPILATION = flags.DEFINE_bool(
@@ -157,23 +162,29 @@ def build_config(spec: str, overrides: list[str], seed: int, split: str):
   return config
 
 
-def evaluate_at(config, workdir: str, eval_size, flip: bool = False, scales=(1.0,)) -> dict:
+def evaluate_at(config, workdir: str, eval_size, flip: bool = False, scales=(1.0,),
+                prior: float = 0.0) -> dict:
   """The summary of the workdir's latest checkpoint on config.eval_split, with whole
   frames at eval_size (height, width) and the model at config.data.image_size
   (`unet_jax.evaluate`, which also leaves its report in `<workdir>/eval/`)."""
   summary, _ = evaluate.evaluate_workdir(workdir, config.eval_split, 'latest', num_images=0,
                                          tta_flip=flip, tta_scales=scales,
-                                         eval_size=tuple(int(n) for n in eval_size))
+                                         eval_size=tuple(int(n) for n in eval_size),
+                                         prior_strength=prior)
   return summary
 
 
-def result_name(flip: bool = False, scales=(1.0,)) -> str:
+def result_name(flip: bool = False, scales=(1.0,), prior: float = 0.0) -> str:
   """The file a run's figures go to: `result.json`, or with test-time
-  augmentation one file per setting, so that a trained run can be scored both ways."""
+  augmentation or prior correction one file per setting, so that a trained
+  run can be scored every way."""
   scales = tuple(tta.parse_scales(scales))
-  if not flip and scales == (1.0,):
-    return 'result.json'
-  return 'result_tta' + ('_flip' if flip else '') + '_' + ','.join(f'{s:g}' for s in scales) + '.json'
+  name = 'result'
+  if flip or scales != (1.0,):
+    name += '_tta' + ('_flip' if flip else '') + '_' + ','.join(f'{s:g}' for s in scales)
+  if prior:
+    name += f'_prior{prior:g}'
+  return name + '.json'
 
 
 def training_machine() -> str:
@@ -196,7 +207,8 @@ def training_machine() -> str:
 
 
 def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
-            workdir: pathlib.Path, eval_size=(), flip: bool = False, scales=(1.0,)) -> dict:
+            workdir: pathlib.Path, eval_size=(), flip: bool = False, scales=(1.0,),
+            prior: float = 0.0) -> dict:
   """Trains (or resumes) one run; its figures, also left in `result_name(...)`.
 
   With eval_size (or test-time augmentation) the figures are those of
@@ -204,9 +216,11 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   finished (its `result.json` exists) is scored again with other test-time
   augmentation without training. A run stopped by a signal (SIGTERM, Ctrl-C)
   exits with its checkpoint and no figures, so the same command resumes it;
-  the resumed run's wall time counts the stopped calls too.
+  the resumed run's wall time counts the stopped calls too. A run trained
+  before training recorded its class weights gets them recorded now, from
+  its config and data, for the prior correction.
   """
-  result_file = workdir / result_name(flip, scales)
+  result_file = workdir / result_name(flip, scales, prior)
   if result_file.exists():
     return json.loads(result_file.read_text())
   config = build_config(spec, overrides, seed, split)
@@ -226,8 +240,12 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
       earlier.write_text(f'{wall:.1f}')
       raise SystemExit(f'{workdir}: training stopped at step {summary["step"]} before its end; '
                        'the same command resumes it.')
-  if summary is None or eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,):
-    summary = evaluate_at(config, str(workdir), eval_size or config.data.image_size, flip, scales)
+  if prior and not (workdir / prior_correction.WEIGHTS_FILE).exists():
+    train.record_class_weights(config, str(workdir))
+  if (summary is None or eval_size or flip or tuple(tta.parse_scales(scales)) != (1.0,)
+      or prior):
+    summary = evaluate_at(config, str(workdir), eval_size or config.data.image_size, flip, scales,
+                          prior)
   # Images/s from the run's own log (excludes evaluation, and holds for resumed runs).
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   rates = [line['images_per_second'] for line in lines if 'images_per_second' in line]
@@ -241,6 +259,7 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
             'epochs': config.num_epochs, 'image_size': list(config.data.image_size),
             'eval_size': [int(n) for n in (eval_size or config.data.image_size)],
             'tta': {'flip': bool(flip), 'scales': list(tta.parse_scales(scales))},
+            'prior_correction': float(prior),
             'per_class_iou': [float(x) for x in summary['per_class_iou']]}
   if 'per_recording' in summary:  # scored by `evaluate_at`: each recording on its own too
     result['per_recording_mean_iou'] = {
@@ -332,7 +351,8 @@ def child_command(name: str, spec: str, overrides: list[str], seed: int) -> list
              f'--workdir={WORKDIR.value}', f'--seeds={seed}', f'--split={SPLIT.value}',
              f'--recipe={name}=' + ';'.join([spec, *overrides]),
              f'--tta_scales={",".join(TTA_SCALES.value)}',
-             '--tta_flip' if TTA_FLIP.value else '--notta_flip']
+             '--tta_flip' if TTA_FLIP.value else '--notta_flip',
+             f'--prior_correction={PRIOR.value}']
   if EVAL_SIZE.value:
     command.append(f'--eval_size={",".join(EVAL_SIZE.value)}')
   return command + [f'--set={assignment}' for assignment in OVERRIDES.value]
@@ -424,20 +444,21 @@ def main(argv):
     for seed in SEEDS.value:
       workdir = root / name / f'seed{seed}'
       if REPORT_ONLY.value or PARALLEL.value > 1:
-        result_file = workdir / result_name(TTA_FLIP.value, TTA_SCALES.value)
+        result_file = workdir / result_name(TTA_FLIP.value, TTA_SCALES.value, PRIOR.value)
         if result_file.exists():
           results.append(json.loads(result_file.read_text()))
         continue
       logging.info('Recipe %s (%s %s), seed %s', name, spec, ';'.join(overrides), seed)
       results.append(run_one(name, spec, [*OVERRIDES.value, *overrides], int(seed), SPLIT.value,
                              workdir, [int(n) for n in EVAL_SIZE.value], TTA_FLIP.value,
-                             TTA_SCALES.value))
+                             TTA_SCALES.value, PRIOR.value))
   for line in failures:
     print(line)
   if not results:
     print('No finished runs.')
     return 1 if failures else None
-  comparison = result_name(TTA_FLIP.value, TTA_SCALES.value).replace('result', 'comparison', 1)
+  comparison = result_name(TTA_FLIP.value, TTA_SCALES.value, PRIOR.value).replace(
+      'result', 'comparison', 1)
   (root / comparison).write_text(json.dumps(results, indent=2))
   print(table(results))
   print()

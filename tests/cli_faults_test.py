@@ -101,6 +101,15 @@ def _case(name, t):
     return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
             f'--output={out}', '--tta_scales=1.0,-0.5'], [
         'tta scales must be positive numbers, at least one']
+  if name == 'predict: negative prior correction':
+    return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
+            f'--output={out}', '--prior_correction=-1'], [
+        'prior_correction must be a finite number >= 0, got -1.0']
+  if name == 'evaluate: no class weights':
+    (workdir / 'class_weights.json').unlink()
+    return ['unet_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest',
+            '--prior_correction=0.25'], [
+        f'{workdir}/class_weights.json does not exist', 'run its training command again']
   if name == 'predict: no checkpoint':
     shutil.rmtree(workdir / 'checkpoints')
     return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
@@ -126,7 +135,8 @@ CASES = ['main: config choice', 'main: contradicting fields', 'main: infinite le
          'main: dangling link', 'main: unwritable workdir', 'main: damaged config.json',
          'evaluate: not a workdir', 'evaluate: unknown step', 'evaluate: corrupt checkpoint',
          'evaluate: bad folder', 'evaluate: unwritable report folder', 'evaluate: bad eval size',
-         'predict: bad test-time scales', 'predict: no checkpoint',
+         'evaluate: no class weights', 'predict: bad test-time scales',
+         'predict: negative prior correction', 'predict: no checkpoint',
          'predict: missing input', 'predict: output holds the input',
          'synthetic: unwritable output', 'synthetic: no scenes']
 

@@ -138,6 +138,26 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   assert plain['per_recording_mean_iou'] == {
       name: pytest.approx(float(group['mean_iou']))
       for name, group in summary['per_recording'].items()}
+  # Scored again with the class-weight prior taken out, into a file of its own. A
+  # run trained before training recorded its weights gets the same ones recorded.
+  weights_file = tmp_path / 'run' / 'class_weights.json'
+  recorded = weights_file.read_text()
+  weights_file.unlink()
+  corrected = compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, 0, 'validation',
+                                      tmp_path / 'run', eval_size=[48, 64], prior=0.5)
+  assert weights_file.read_text() == recorded
+  assert (tmp_path / 'run' / 'metrics.jsonl').read_text() == log
+  assert corrected['prior_correction'] == 0.5 and plain['prior_correction'] == 0.0
+  written = json.loads((tmp_path / 'run' / 'result_prior0.5.json').read_text())
+  assert written['prior_correction'] == 0.5 and written['mean_iou'] == corrected['mean_iou']
+
+
+def test_each_scoring_has_its_own_result_file():
+  assert compare_recipes.result_name() == 'result.json'
+  assert compare_recipes.result_name(True, ['0.75', '1.0', '1.25']) == (
+      'result_tta_flip_0.75,1,1.25.json')
+  assert compare_recipes.result_name(prior=0.25) == 'result_prior0.25.json'
+  assert compare_recipes.result_name(True, (1.0,), 0.25) == 'result_tta_flip_1_prior0.25.json'
 
 
 def test_a_stopped_run_is_not_scored_and_the_same_call_resumes_it(tmp_path, monkeypatch):

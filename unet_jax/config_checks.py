@@ -173,6 +173,7 @@ RULES: dict[str, Rule] = {
     'inference.tta_scales': (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1 and
                              all(_is_number(s) and s > 0 for s in v),
                              'a tuple of finite numbers > 0, at least one'),
+    'inference.prior_correction': number(0),
 }
 
 _MISSING = object()

@@ -3,14 +3,15 @@ r"""Evaluates a trained checkpoint and writes a report a person can read.
     python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
         [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8] \
         [--eval_size=480,640|model] [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] \
-        [--noweight_average]
+        [--noweight_average] [--prior_correction=S]
 
 Works from the workdir alone: its config.json and checkpoints. Whole frames
 are scored at the config's `inference.eval_size` (CARLA's native 480x640 in
 the carla configs): the model sees each frame at its training size and its
 class probabilities come back to the frame's pixels, with the config's
-test-time augmentation (`inference.tta_flip`, `inference.tta_scales`);
-the flags override both. With
+test-time augmentation (`inference.tta_flip`, `inference.tta_scales`)
+and class-weight prior correction (`inference.prior_correction`,
+unet_jax.prior_correction); the flags override them. With
 --data_dir it evaluates every pair of any CARLA-format folder instead of a
 split, preprocessed as in training; the split is then called
 `folder-<folder name>`. A run that kept a moving average of its weights
@@ -67,6 +68,7 @@ from unet_jax import input_pipeline
 from unet_jax import metric_logging
 from unet_jax import metrics as metrics_lib
 from unet_jax import models
+from unet_jax import prior_correction
 from unet_jax import sharding
 from unet_jax import tta
 from unet_jax import visualize
@@ -206,6 +208,9 @@ def report_markdown(record: dict, has_examples: bool) -> str:
     lines += [f'Scored on whole frames at {height}x{width} (the model sees them at '
               f'{model_h}x{model_w}); test-time augmentation: '
               f'{tta.describe(record["tta"]["flip"], record["tta"]["scales"])}.', '']
+  if record.get('prior_correction'):
+    lines += [f"Class-weight prior taken out at strength {record['prior_correction']:g} "
+              '(`--prior_correction`).', '']
   if record.get('weights') == 'average':
     lines += ["Weights: the run's moving average (`ema_decay`).", '']
   elif record.get('weights') == AVERAGE_LEFT_OUT:
@@ -369,7 +374,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                      data_dir: str | None = None, num_images: int = 8,
                      tta_flip: bool | None = None, tta_scales=None,
                      skip_bad_pairs: bool | None = None, eval_size=None,
-                     weight_average: bool = True):
+                     weight_average: bool = True, prior_strength: float | None = None):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
 
   eval_size, tta_flip and tta_scales: where given, the size whole frames are
@@ -378,10 +383,13 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
   unreadable pairs with a warning instead of stopping; None keeps the
   training config's setting. weight_average=False scores the optimizer's
   weights of a run that kept a moving average (`ema_decay` > 0).
+  prior_strength: how much of training's class-weight prior to take out of
+  the predictions (unet_jax.prior_correction); None takes the config's
+  `inference.prior_correction`.
 
   Returns:
     (summary, out_dir): `evaluation.evaluate`'s summary plus 'step',
-    'eval_size', 'tta' and 'weights' (what was used) and 'per_recording'
+    'eval_size', 'tta', 'weights' and 'prior_correction' (what was used) and 'per_recording'
     ({recording: its own metrics, confusion matrix and num_examples}), and
     the report folder
     `<workdir>/eval/<split>-<step>[-no_average]`.
@@ -401,6 +409,10 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                               model_size=None if size == model_size else model_size)
   except ValueError as error:  # another size or scales for a VALID-padded model
     raise errors.UserError(f'{workdir}: {error} (--eval_size=model --tta_scales=1.0)') from None
+  prior = prior_correction.strength(config, prior_strength)
+  if prior:
+    apply_fn = prior_correction.corrected(
+        apply_fn, prior_correction.load(workdir, config.model.num_classes), prior)
   # The report is written after all the scoring: find out now if it cannot be.
   if jax.process_index() == 0:
     checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')
@@ -415,7 +427,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
       variables, data, groups=recordings)
   summary['per_recording'] = summary.pop('per_group')
   summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)},
-                 weights=weights)
+                 weights=weights, prior_correction=prior)
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
                               apply_fn)
   suffix = '-no_average' if weights == AVERAGE_LEFT_OUT else ''
@@ -425,7 +437,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                             num_examples=data.num_examples, data_dir=data_dir,
                             class_names=classes.CLASS_NAMES)
     record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'],
-                  weights=weights, report_classes=_rare_class_names(config))
+                  weights=weights, prior_correction=prior,
+                  report_classes=_rare_class_names(config))
     write_report(out_dir, record, examples)
     logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
   return summary, out_dir
@@ -451,6 +464,10 @@ def define_flags() -> None:
   flags.DEFINE_bool('skip_bad_pairs', None,
                     'Skip unreadable image/mask pairs with a warning (default: the training '
                     "config's data.skip_bad_pairs).")
+  flags.DEFINE_float('prior_correction', None,
+                     "How much of training's class-weight prior to take out of the predictions: "
+                     '0 none, 1 all (unet_jax.prior_correction; default: the training '
+                     "config's inference.prior_correction).")
   flags.DEFINE_bool('weight_average', True,
                     'For a run that kept a moving average of its weights (ema_decay > 0): score '
                     "the average (as training did) or, with --noweight_average, the optimizer's "
@@ -466,11 +483,13 @@ def main(argv):
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                       FLAGS.data_dir, FLAGS.num_images, FLAGS.tta_flip,
                                       FLAGS.tta_scales, FLAGS.skip_bad_pairs, FLAGS.eval_size,
-                                      FLAGS.weight_average)
+                                      FLAGS.weight_average, FLAGS.prior_correction)
   height, width = summary['eval_size']
   augmentation = tta.describe(summary['tta']['flip'], summary['tta']['scales'])
   weights = {'average': ', weight average', AVERAGE_LEFT_OUT: ", optimizer's weights"}.get(
       summary['weights'], '')
+  if summary['prior_correction']:
+    weights += f', class-weight prior out at {summary["prior_correction"]:g}'
   print(f'step {summary["step"]} ({height}x{width} frames, test-time augmentation: '
         f'{augmentation}{weights}): pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '

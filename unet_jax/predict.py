@@ -2,7 +2,7 @@ r"""Runs a trained U-Net on images of any size; writes masks and pictures.
 
     python -m unet_jax.predict --workdir=runs/carla --input=FILE_OR_DIR --output=DIR \
         [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N] \
-        [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25]
+        [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] [--prior_correction=S]
 
 For every input PNG (a file, or every file of a folder) it writes into
 --output `<stem>_mask.png` (the CARLA mask format: class index in channel 0,
@@ -28,7 +28,9 @@ not contain an input, and every file is written through a temporary file in
 writing through it). Unreadable inputs are reported by name and the rest
 are still written. Test-time augmentation (unet_jax.tta) is the training
 config's `inference.tta_flip` and `inference.tta_scales` unless the flags
-say otherwise (`--notta_flip --tta_scales=1.0`: the model alone).
+say otherwise (`--notta_flip --tta_scales=1.0`: the model alone); so is
+taking training's class-weight prior out of the predictions
+(`inference.prior_correction`, `--prior_correction`; unet_jax.prior_correction).
 """
 
 from collections.abc import Iterator
@@ -54,6 +56,7 @@ from unet_jax import errors
 from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import preprocessing
+from unet_jax import prior_correction
 from unet_jax import sharding
 from unet_jax import tta
 from unet_jax import visualize
@@ -276,7 +279,7 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
 
 def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint: str = 'best',
                   mode: str = 'resize', batch_size: int = 0, tta_flip: bool | None = None,
-                  tta_scales=None) -> PredictionRun:
+                  tta_scales=None, prior_strength: float | None = None) -> PredictionRun:
   """Predicts every input and writes its three PNGs into output_dir.
 
   Args:
@@ -289,6 +292,9 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
       Rounded up to a multiple of the local device count.
     tta_flip, tta_scales: test-time augmentation of every model input
       (unet_jax.tta); None takes the training config's `inference` field.
+    prior_strength: how much of training's class-weight prior to take out
+      of the predictions (unet_jax.prior_correction); None takes the
+      config's `inference.prior_correction`.
   """
   if mode not in MODES:
     raise errors.UserError(f'mode must be one of {MODES}, got {mode!r}')
@@ -306,15 +312,20 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
     apply_fn = tta.from_flags(model, flip, scales)
   except ValueError as error:  # scales of a VALID-padded model
     raise errors.UserError(f'{workdir}: {error}') from None
+  prior = prior_correction.strength(config, prior_strength)
+  if prior:
+    apply_fn = prior_correction.corrected(
+        apply_fn, prior_correction.load(workdir, config.model.num_classes), prior)
   # Only now, with a model to run: a failed start leaves no empty folder behind.
   checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
   predict = _compile_predict(model, mesh, apply_fn)
-  logging.info('Predicting %d file(s) with checkpoint %d (%s mode, test-time augmentation: %s), '
-               'batches of %d tiles on %d device(s).', len(paths), step, mode,
-               tta.describe(flip, scales), batch_size, devices)
+  logging.info('Predicting %d file(s) with checkpoint %d (%s mode, test-time augmentation: %s, '
+               'class-weight prior correction: %s), batches of %d tiles on %d device(s).',
+               len(paths), step, mode, tta.describe(flip, scales),
+               prior_correction.describe(prior), batch_size, devices)
 
   start = time.perf_counter()
   written, failed = [], []
@@ -378,6 +389,10 @@ def define_flags() -> None:
                     "training config's inference.tta_flip).")
   flags.DEFINE_list('tta_scales', None, 'Test-time augmentation: view scales, e.g. 1.0,0.75,1.25 '
                     "(default: the training config's inference.tta_scales; 1.0 for none).")
+  flags.DEFINE_float('prior_correction', None,
+                     "How much of training's class-weight prior to take out of the predictions: "
+                     '0 none, 1 all (unet_jax.prior_correction; default: the training '
+                     "config's inference.prior_correction).")
   flags.mark_flags_as_required(['workdir', 'input', 'output'])
 
 
@@ -388,7 +403,7 @@ def main(argv):
   console.setup(verbose=cli.verbose())
   run = predict_files(FLAGS.workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint,
                       mode=FLAGS.mode, batch_size=FLAGS.batch_size, tta_flip=FLAGS.tta_flip,
-                      tta_scales=FLAGS.tta_scales)
+                      tta_scales=FLAGS.tta_scales, prior_strength=FLAGS.prior_correction)
   if run.failed:
     print(f'{len(run.failed)} input(s) failed:')
     for _, why in run.failed:

@@ -32,6 +32,7 @@ from unet_jax import losses
 from unet_jax import metric_logging
 from unet_jax import models
 from unet_jax import pretrained
+from unet_jax import prior_correction
 from unet_jax import sharding
 
 
@@ -250,6 +251,22 @@ def checked_train_step(state: TrainState, batch: dict, dropout_key, **kwargs):
   return new_state, metrics
 
 
+def record_class_weights(config, workdir: str, train_data=None) -> np.ndarray | None:
+  """The loss's class weights (`config.class_weighting`) from the training
+  split's pixel counts (None for 'none'), also written to the workdir for
+  evaluate and predict's `--prior_correction` (unet_jax.prior_correction;
+  ones for 'none'). Without train_data the training split is loaded from
+  the config."""
+  if train_data is None:
+    train_data = input_pipeline.create_datasets(config, sharding.create_mesh())['train']
+  weights = losses.class_weights_from_counts(
+      train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
+  recorded = np.ones(config.model.num_classes) if weights is None else weights  # 'none'
+  prior_correction.save(workdir, recorded, method=config.class_weighting,
+                        cap=config.class_weight_max)
+  return weights
+
+
 def compile_train_step(config, mesh, learning_rate_fn, class_weights):
   step = functools.partial(checked_train_step, ignore_label=config.ignore_label,
                            class_weights=class_weights, learning_rate_fn=learning_rate_fn,
@@ -339,8 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointing.save_config(workdir, config)
   start_step = int(state.step)
 
-  class_weights = losses.class_weights_from_counts(
-      train_data.class_pixel_counts(), config.class_weighting, config.class_weight_max)
+  class_weights = record_class_weights(config, workdir, train_data)
   p_train_step = compile_train_step(config, mesh, learning_rate_fn, class_weights)
   p_eval_step = evaluation.compile_eval_step(config, mesh, model)
   # Made under jit: device_put cannot place a host value on other processes' devices.
