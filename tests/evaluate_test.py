@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import ml_collections
 from PIL import Image
 import pytest
 
@@ -117,6 +118,42 @@ def test_the_report_holds_every_metric_and_both_figures(trained):
        Image.open(out_dir / 'confusion.png') as heat_map:
     assert examples.format == heat_map.format == 'PNG'
     assert examples.height > 200  # three rows of frames
+
+
+def test_each_way_of_scoring_keeps_its_own_report(trained):
+  workdir = str(trained['workdir'])
+  plain, plain_dir = evaluate.evaluate_workdir(workdir, 'validation', 'latest', num_images=0)
+  flipped, flipped_dir = evaluate.evaluate_workdir(workdir, 'validation', 'latest', num_images=0,
+                                                   tta_flip=True)
+  assert plain_dir.name == f'validation-{plain["step"]}'
+  assert flipped_dir.name == f'validation-{plain["step"]}-tta_flip'
+  # The second scoring left the first one's report as it was.
+  for summary, out_dir in ((plain, plain_dir), (flipped, flipped_dir)):
+    record = json.loads((out_dir / 'metrics.json').read_text())
+    assert record['tta']['flip'] == summary['tta']['flip']
+    np.testing.assert_array_equal(record['confusion_matrix'], summary['confusion_matrix'])
+  assert plain['tta']['flip'] is False and flipped['tta']['flip'] is True
+
+
+def test_the_report_folder_names_what_the_flags_changed():
+  config = ml_collections.ConfigDict({
+      'data': {'image_size': (96, 128)},
+      'inference': {'eval_size': (480, 640), 'tta_flip': True, 'tta_scales': (1.0, 1.25),
+                    'prior_correction': 0.0}})
+  def name(size=(480, 640), flip=True, scales=(1.0, 1.25), prior=0.0, weights='average'):
+    return evaluate.report_folder_name(config, 'validation', 7, size, flip, scales, prior, weights)
+  assert name() == 'validation-7'
+  assert name(size=(96, 128)) == 'validation-7-96x128'
+  assert name(flip=False, scales=(1.0,)) == 'validation-7-notta'
+  assert name(flip=False) == 'validation-7-tta_1,1.25'
+  assert name(scales=(0.75, 1.0)) == 'validation-7-tta_flip_0.75,1'
+  assert name(scales=(1.0,)) == 'validation-7-tta_flip'
+  assert name(prior=0.25) == 'validation-7-prior0.25'
+  assert (name(size=(96, 128), flip=False, scales=(1.0,), prior=0.5,
+               weights=evaluate.AVERAGE_LEFT_OUT)
+          == 'validation-7-96x128-notta-prior0.5-no_average')
+  config.inference.prior_correction = 0.25  # the config's own strength gets no tag
+  assert name(prior=0.25) == 'validation-7' and name() == 'validation-7-prior0'
 
 
 def test_unknown_split_and_checkpoint_are_clear_errors(trained):

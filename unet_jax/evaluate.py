@@ -18,8 +18,10 @@ split, preprocessed as in training; the split is then called
 (`ema_decay` > 0) is scored with that average, as training scored it;
 `--noweight_average` scores the optimizer's own weights of the same
 checkpoint instead, so one run measures what the average adds. Writes
-`<workdir>/eval/<split>-<step>/` (`<split>-<step>-no_average/` for the
-latter):
+`<workdir>/eval/<split>-<step>/` for the config's own scoring; a flag that
+changes it adds its setting to the folder's name (`-480x640`, `-notta`,
+`-tta_flip_0.75,1,1.25`, `-prior0.25`, `-no_average`), so each way of
+scoring a checkpoint keeps its own report:
 
 * metrics.json: pixel accuracy, mean IoU, mean class accuracy, loss,
   per-class IoU, accuracy and pixel count by name, the confusion matrix,
@@ -370,6 +372,29 @@ def weights_used(config, weight_average: bool = True) -> str:
   return 'optimizer'
 
 
+def report_folder_name(config, split_name: str, step: int, size, flip: bool, scales,
+                       prior: float, weights: str) -> str:
+  """`<split>-<step>` for the config's own scoring (its `inference` field),
+  plus a tag for each setting a flag changed: `-<H>x<W>` (eval size),
+  `-notta` or `-tta[_flip][_<scales>]`, `-prior<strength>`, `-no_average`.
+  Each way of scoring a checkpoint keeps its own report."""
+  name = f'{split_name}-{step}'
+  if tuple(size) != scoring_size(config):
+    name += f'-{size[0]}x{size[1]}'
+  scales = tuple(float(s) for s in scales)
+  if (bool(flip), scales) != tta.settings(config):
+    if not flip and scales == (1.0,):
+      name += '-notta'
+    else:
+      name += '-tta' + ('_flip' if flip else '') + (
+          '' if scales == (1.0,) else '_' + ','.join(f'{s:g}' for s in scales))
+  if prior != prior_correction.strength(config):
+    name += f'-prior{prior:g}'
+  if weights == AVERAGE_LEFT_OUT:
+    name += '-no_average'
+  return name
+
+
 def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 'best',
                      data_dir: str | None = None, num_images: int = 8,
                      tta_flip: bool | None = None, tta_scales=None,
@@ -391,8 +416,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
     (summary, out_dir): `evaluation.evaluate`'s summary plus 'step',
     'eval_size', 'tta', 'weights' and 'prior_correction' (what was used) and 'per_recording'
     ({recording: its own metrics, confusion matrix and num_examples}), and
-    the report folder
-    `<workdir>/eval/<split>-<step>[-no_average]`.
+    the report folder `<workdir>/eval/<report_folder_name>`.
   """
   mesh = sharding.create_mesh()
   config, variables, step = checkpointing.restore_model(
@@ -430,8 +454,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                  weights=weights, prior_correction=prior)
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
                               apply_fn)
-  suffix = '-no_average' if weights == AVERAGE_LEFT_OUT else ''
-  out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split_name}-{step}{suffix}'
+  out_dir = pathlib.Path(workdir) / EVAL_DIR / report_folder_name(
+      config, split_name, step, size, flip, scales, prior, weights)
   if jax.process_index() == 0:
     record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
                             num_examples=data.num_examples, data_dir=data_dir,
