@@ -16,6 +16,7 @@ from unet_jax import carla_dataset
 from unet_jax import carla_files
 from unet_jax import checkpointing
 from unet_jax import evaluate
+from unet_jax import report as report_lib
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +151,7 @@ def test_the_report_folder_names_what_the_flags_changed():
   assert name(scales=(1.0,)) == 'validation-7-tta_flip'
   assert name(prior=0.25) == 'validation-7-prior0.25'
   assert (name(size=(96, 128), flip=False, scales=(1.0,), prior=0.5,
-               weights=evaluate.AVERAGE_LEFT_OUT)
+               weights=report_lib.AVERAGE_LEFT_OUT)
           == 'validation-7-96x128-notta-prior0.5-no_average')
   config.inference.prior_correction = 0.25  # the config's own strength gets no tag
   assert name(prior=0.25) == 'validation-7' and name() == 'validation-7-prior0'
@@ -222,22 +223,7 @@ def test_each_recording_is_scored_on_its_own(trained, tmp_path):
   table = [line.split('|')[1].strip() for line in report.splitlines()
            if line.startswith('| ') and line.split('|')[1].strip() in expected]
   assert sorted(table) == sorted(expected)
-  spread = evaluate.recording_spread(record)
+  spread = report_lib.recording_spread(record)
   values = [r['mean_iou'] for r in record['per_recording'] if r['mean_iou'] is not None]
   assert spread['mean'] == pytest.approx(np.mean(values))
   assert f'{spread["mean"]:.4f} ± {np.std(values, ddof=1):.4f}' in report
-
-
-def test_the_recording_spread_by_hand():
-  record = {'per_recording': [
-      {'recording': '000', 'mean_iou': 0.2}, {'recording': '001', 'mean_iou': 0.4},
-      {'recording': '002', 'mean_iou': None}, {'recording': '003', 'mean_iou': 0.3}]}
-  spread = evaluate.recording_spread(record)
-  # Mean of 0.2, 0.4, 0.3 is 0.3; deviations -0.1, 0.1, 0: sample variance 0.02 / 2.
-  assert spread['count'] == 3
-  assert spread['mean'] == pytest.approx(0.3)
-  assert spread['std'] == pytest.approx(0.1)
-  assert spread['lowest'] == (0.2, '000') and spread['highest'] == (0.4, '001')
-  assert evaluate.recording_spread({'per_recording': [{'recording': '7', 'mean_iou': 0.5}]})[
-      'std'] is None
-  assert evaluate.recording_spread({}) is None

@@ -16,6 +16,7 @@ from unet_jax import evaluate
 from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import models
+from unet_jax import report
 from unet_jax import sharding
 from unet_jax import train
 
@@ -173,7 +174,7 @@ def test_a_weight_averaged_run_also_scores_its_optimizer_weights(synthetic_dir, 
   np.testing.assert_array_equal(summary['confusion_matrix'], direct['confusion_matrix'])
   assert out_dir.name == f'validation-{summary["step"]}-no_average'
   record = json.loads((out_dir / 'metrics.json').read_text())
-  assert record['weights'] == evaluate.AVERAGE_LEFT_OUT
+  assert record['weights'] == report.AVERAGE_LEFT_OUT
   assert "not the run's moving average" in (out_dir / 'report.md').read_text()
   # A run without an average has only the optimizer's weights; the flag changes nothing.
   summary, out_dir = evaluate.evaluate_workdir(str(plain_dir), num_images=0,

@@ -21,7 +21,7 @@ checkpoint instead, so one run measures what the average adds. Writes
 `<workdir>/eval/<split>-<step>/` for the config's own scoring; a flag that
 changes it adds its setting to the folder's name (`-480x640`, `-notta`,
 `-tta_flip_0.75,1,1.25`, `-prior0.25`, `-no_average`), so each way of
-scoring a checkpoint keeps its own report:
+scoring a checkpoint keeps its own report (unet_jax.report writes it):
 
 * metrics.json: pixel accuracy, mean IoU, mean class accuracy, loss,
   per-class IoU, accuracy and pixel count by name, the confusion matrix,
@@ -45,10 +45,7 @@ are restored (`checkpointing.restore_model`); nothing of training is
 imported.
 """
 
-from collections.abc import Sequence
 import hashlib
-import json
-import math
 import pathlib
 
 from absl import app
@@ -68,17 +65,14 @@ from unet_jax import errors
 from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import metric_logging
-from unet_jax import metrics as metrics_lib
 from unet_jax import models
 from unet_jax import prior_correction
+from unet_jax import report
 from unet_jax import sharding
 from unet_jax import tta
-from unet_jax import visualize
 from unet_jax import xla_flags
 
 EVAL_DIR = 'eval'
-# The weights scored of a run that kept a moving average, without it.
-AVERAGE_LEFT_OUT = 'optimizer, not the average'
 
 
 def load_split(config, mesh, split: str, data_dir: str | None, workdir: str):
@@ -141,199 +135,6 @@ def collect_examples(model, variables, data, mesh, num_images: int, ignore_label
   }
 
 
-def _number(value: float) -> float | None:
-  """JSON has no NaN: a class absent from truth and prediction has no IoU."""
-  return None if math.isnan(value) else float(value)
-
-
-def _per_class(summary: dict, class_names: Sequence[str]) -> list[dict]:
-  return [{
-      'index': index,
-      'name': class_names[index] if index < len(class_names) else f'class{index}',
-      'pixel_count': int(summary['pixel_count'][index]),
-      'iou': _number(summary['per_class_iou'][index]),
-      'accuracy': _number(summary['per_class_accuracy'][index]),
-  } for index in range(len(summary['pixel_count']))]
-
-
-def metrics_record(summary: dict, *, split: str, step: int, workdir: str,
-                   num_examples: int, data_dir: str | None,
-                   class_names: Sequence[str]) -> dict:
-  """The summary as JSON-ready values, per-class numbers keyed by class name;
-  with the summary's 'per_recording', the same for each recording."""
-  per_class = _per_class(summary, class_names)
-  record = {
-      'workdir': str(workdir),
-      'split': split,
-      'data_dir': None if data_dir is None else str(pathlib.Path(data_dir).resolve()),
-      'checkpoint_step': int(step),
-      'num_examples': int(num_examples),
-      'pixel_accuracy': _number(summary['pixel_accuracy']),
-      'mean_iou': _number(summary['mean_iou']),
-      'mean_class_accuracy': _number(summary['mean_class_accuracy']),
-      'loss': _number(summary['loss']),
-      'per_class': per_class,
-      'class_names': [c['name'] for c in per_class],
-      # Rows are the true class, columns the predicted class.
-      'confusion_matrix': np.asarray(summary['confusion_matrix']).astype(int).tolist(),
-  }
-  if 'per_recording' in summary:
-    record['per_recording'] = [{
-        'recording': recording,
-        'num_examples': int(group['num_examples']),
-        'pixel_accuracy': _number(group['pixel_accuracy']),
-        'mean_iou': _number(group['mean_iou']),
-        'mean_class_accuracy': _number(group['mean_class_accuracy']),
-        'per_class': _per_class(group, class_names),
-        'confusion_matrix': np.asarray(group['confusion_matrix']).astype(int).tolist(),
-    } for recording, group in summary['per_recording'].items()]
-  return record
-
-
-def _cell(value: float | None) -> str:
-  return '-' if value is None else f'{value:.4f}'
-
-
-def report_markdown(record: dict, has_examples: bool) -> str:
-  """A Markdown report: headline numbers, per-class table by frequency, figures."""
-  total = max(sum(c['pixel_count'] for c in record['per_class']), 1)
-  rows = sorted(record['per_class'], key=lambda c: -c['pixel_count'])
-  lines = [
-      f'# Evaluation: {record["split"]}, checkpoint step {record["checkpoint_step"]}',
-      '',
-      f'Workdir `{record["workdir"]}`, {record["num_examples"]} frames'
-      + (f' from `{record["data_dir"]}`.' if record['data_dir'] else '.'),
-      '',
-  ]
-  if 'eval_size' in record:
-    (height, width), (model_h, model_w) = record['eval_size'], record['model_size']
-    lines += [f'Scored on whole frames at {height}x{width} (the model sees them at '
-              f'{model_h}x{model_w}); test-time augmentation: '
-              f'{tta.describe(record["tta"]["flip"], record["tta"]["scales"])}.', '']
-  if record.get('prior_correction'):
-    lines += [f"Class-weight prior taken out at strength {record['prior_correction']:g} "
-              '(`--prior_correction`).', '']
-  if record.get('weights') == 'average':
-    lines += ["Weights: the run's moving average (`ema_decay`).", '']
-  elif record.get('weights') == AVERAGE_LEFT_OUT:
-    lines += ["Weights: the optimizer's, not the run's moving average (`--noweight_average`).",
-              '']
-  lines += [
-      '| metric | value |',
-      '|---|---|',
-      f'| pixel accuracy | {_cell(record["pixel_accuracy"])} |',
-      f'| mean IoU | {_cell(record["mean_iou"])} |',
-      f'| mean class accuracy | {_cell(record["mean_class_accuracy"])} |',
-      f'| loss | {_cell(record["loss"])} |',
-      '',
-  ]
-  lines += _per_recording_lines(record)
-  lines += [
-      '## Per class, most frequent first',
-      '',
-      'Classes absent from both the truth and the prediction are left out.',
-      '',
-      '| class | pixels | share | IoU | accuracy |',
-      '|---|---:|---:|---:|---:|',
-  ]
-  for c in rows:
-    if c['pixel_count'] == 0 and c['iou'] is None:
-      continue
-    lines.append(f'| {c["name"]} | {c["pixel_count"]} | {100 * c["pixel_count"] / total:.2f}% '
-                 f'| {_cell(c["iou"])} | {_cell(c["accuracy"])} |')
-  lines += _error_lines(record)
-  lines += ['', '## Confusion matrix', '',
-            'Each row is a true class; the numbers are the percentage of its pixels given '
-            'to each predicted class.', '', '![confusion matrix](confusion.png)', '']
-  if has_examples:
-    lines += ['## Examples', '',
-              'Image, ground truth, prediction, and in red where they disagree.', '',
-              '![examples](examples.png)', '']
-  return '\n'.join(lines)
-
-
-def _error_lines(record: dict) -> list[str]:
-  """The 'where the errors go' table, most frequent class first."""
-  names = record['class_names']
-  counts = {c['name']: c['pixel_count'] for c in record['per_class']}
-  rows = sorted(metrics_lib.error_breakdown(np.asarray(record['confusion_matrix'])),
-                key=lambda b: -counts[names[b['index']]])
-
-  def shares(pairs):
-    return ', '.join(f'{names[j]} {100 * share:.1f}%' for j, share in pairs) or '-'
-
-  lines = ['', '## Where the errors go', '',
-           "Recall: the share of a class's pixels predicted as it; precision: the share of "
-           'the pixels predicted as it that are it. Missed pixels: the classes its pixels were '
-           'given instead (share of its pixels); its false predictions: the true classes of '
-           'the pixels wrongly given to it (share of its predictions).', '',
-           '| class | recall | precision | predicted / true pixels | missed pixels went to '
-           '| its false predictions were |',
-           '|---|---:|---:|---:|---|---|']
-  for b in rows:
-    ratio = '-' if b['predicted_over_truth'] is None else f'{b["predicted_over_truth"]:.2f}'
-    lines.append(f'| {names[b["index"]]} | {_cell(b["recall"])} | {_cell(b["precision"])} '
-                 f'| {ratio} | {shares(b["missed_as"])} | {shares(b["mistaken_for"])} |')
-  return lines
-
-
-def recording_spread(record: dict) -> dict | None:
-  """Mean IoU across the recordings scored on their own: mean, standard
-  deviation (None for one recording), and the lowest and highest with their
-  recording; None without per-recording scores."""
-  scored = [(r['mean_iou'], r['recording']) for r in record.get('per_recording', ())
-            if r['mean_iou'] is not None]
-  if not scored:
-    return None
-  values = np.array([value for value, _ in scored])
-  return {'count': len(scored), 'mean': float(values.mean()),
-          'std': float(values.std(ddof=1)) if len(scored) > 1 else None,
-          'lowest': min(scored), 'highest': max(scored)}
-
-
-def _per_recording_lines(record: dict) -> list[str]:
-  recordings = record.get('per_recording')
-  if not recordings:
-    return []
-  spread = recording_spread(record)
-  lines = ['## Per recording', '',
-           'Each recording scored on its own (a recording is the first three characters of '
-           "a frame's name). Mean IoU counts the classes present in the recording's truth or "
-           'prediction.']
-  if spread and spread['std'] is not None:
-    (low, low_name), (high, high_name) = spread['lowest'], spread['highest']
-    lines[-1] += (f' Across the {spread["count"]} recordings: {spread["mean"]:.4f} ± '
-                  f'{spread["std"]:.4f}, from {low:.4f} ({low_name}) to {high:.4f} '
-                  f'({high_name}).')
-  shown = [name for name in record.get('report_classes', ()) if name in record['class_names']]
-  lines += ['', '| recording | frames | pixel accuracy | mean IoU |'
-            + ''.join(f' {name} IoU |' for name in shown),
-            '|---|---:|---:|---:|' + '---:|' * len(shown)]
-  for r in recordings:
-    iou = {c['name']: c['iou'] for c in r['per_class']}
-    lines.append(f'| {r["recording"]} | {r["num_examples"]} | {_cell(r["pixel_accuracy"])} '
-                 f'| {_cell(r["mean_iou"])} |' + ''.join(f' {_cell(iou[name])} |'
-                                                         for name in shown))
-  if shown:
-    lines += ['', f'{", ".join(shown)}: the config\'s `data.rare_classes`; "-" where a '
-              'recording has the class in neither its truth nor the prediction.']
-  return lines + ['']
-
-
-def write_report(out_dir: pathlib.Path, record: dict, examples: dict) -> None:
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'metrics.json').write_text(json.dumps(record, indent=2) + '\n')
-  visualize.confusion_figure(out_dir / 'confusion.png', np.asarray(record['confusion_matrix']),
-                             class_names=record['class_names'])
-  has_examples = bool(examples['images'])
-  if has_examples:
-    visualize.examples_figure(
-        out_dir / 'examples.png', examples['images'], examples['labels'],
-        examples['predictions'], scored=examples['scored'], class_names=record['class_names'],
-        titles=[f'{record["split"]} #{i}' for i in range(len(examples['images']))])
-  (out_dir / 'report.md').write_text(report_markdown(record, has_examples))
-
-
 def _rare_class_names(config) -> list[str]:
   """The config's data.rare_classes as class names (given as names or indices)."""
   names = []
@@ -365,10 +166,10 @@ def scoring_size(config, eval_size=None) -> tuple[int, int]:
 
 def weights_used(config, weight_average: bool = True) -> str:
   """Which weights are scored: 'average' (the moving average a run with
-  `ema_decay` > 0 kept), 'optimizer' (a run without one) or AVERAGE_LEFT_OUT
+  `ema_decay` > 0 kept), 'optimizer' (a run without one) or report.AVERAGE_LEFT_OUT
   (a run with one, weight_average=False)."""
   if config.get('ema_decay', 0.0) > 0:
-    return 'average' if weight_average else AVERAGE_LEFT_OUT
+    return 'average' if weight_average else report.AVERAGE_LEFT_OUT
   return 'optimizer'
 
 
@@ -390,7 +191,7 @@ def report_folder_name(config, split_name: str, step: int, size, flip: bool, sca
           '' if scales == (1.0,) else '_' + ','.join(f'{s:g}' for s in scales))
   if prior != prior_correction.strength(config):
     name += f'-prior{prior:g}'
-  if weights == AVERAGE_LEFT_OUT:
+  if weights == report.AVERAGE_LEFT_OUT:
     name += '-no_average'
   return name
 
@@ -457,13 +258,13 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
   out_dir = pathlib.Path(workdir) / EVAL_DIR / report_folder_name(
       config, split_name, step, size, flip, scales, prior, weights)
   if jax.process_index() == 0:
-    record = metrics_record(summary, split=split_name, step=step, workdir=workdir,
+    record = report.metrics_record(summary, split=split_name, step=step, workdir=workdir,
                             num_examples=data.num_examples, data_dir=data_dir,
                             class_names=classes.CLASS_NAMES)
     record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'],
                   weights=weights, prior_correction=prior,
                   report_classes=_rare_class_names(config))
-    write_report(out_dir, record, examples)
+    report.write_report(out_dir, record, examples)
     logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
   return summary, out_dir
 
@@ -510,7 +311,7 @@ def main(argv):
                                       FLAGS.weight_average, FLAGS.prior_correction)
   height, width = summary['eval_size']
   augmentation = tta.describe(summary['tta']['flip'], summary['tta']['scales'])
-  weights = {'average': ', weight average', AVERAGE_LEFT_OUT: ", optimizer's weights"}.get(
+  weights = {'average': ', weight average', report.AVERAGE_LEFT_OUT: ", optimizer's weights"}.get(
       summary['weights'], '')
   if summary['prior_correction']:
     weights += f', class-weight prior out at {summary["prior_correction"]:g}'
