@@ -28,7 +28,10 @@ epochs (3120 steps of batch 4) in 103 to 134 minutes alone, pixel accuracy
 0.261), Vehicles 0.49, RoadLine 0.42, Pole 0.23 (the model alone, as
 training and `compare_recipes.py` score it); with
 `--tta_flip --tta_scales=0.75,1.0,1.25` in evaluate and predict,
-0.919 +- 0.005 and 0.277 +- 0.007, Vehicles 0.52, Pole 0.26.
+0.919 +- 0.005 and 0.277 +- 0.007, Vehicles 0.52, Pole 0.26. The same
+three seeds trained again on another 2-core CPU: 0.911 +- 0.002 and 0.265
++- 0.003 (0.263, 0.268, 0.266), with those views 0.920 +- 0.001 and 0.276
++- 0.002, Pole 0.25.
 `unet_jax.evaluate` and `unet_jax.predict` run four scales and their
 mirrors by default (`config.inference`; `--notta_flip --tta_scales=1.0`
 for the model alone), and evaluate scores whole 480x640 frames. Five scales
