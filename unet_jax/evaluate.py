@@ -234,10 +234,7 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                               model_size=None if size == model_size else model_size)
   except ValueError as error:  # another size or scales for a VALID-padded model
     raise errors.UserError(f'{workdir}: {error} (--eval_size=model --tta_scales=1.0)') from None
-  prior = prior_correction.strength(config, prior_strength)
-  if prior:
-    apply_fn = prior_correction.corrected(
-        apply_fn, prior_correction.load(workdir, config.model.num_classes), prior)
+  apply_fn, prior = prior_correction.for_workdir(apply_fn, config, workdir, prior_strength)
   # The report is written after all the scoring: find out now if it cannot be.
   if jax.process_index() == 0:
     checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')

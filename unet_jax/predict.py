@@ -312,10 +312,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
     apply_fn = tta.from_flags(model, flip, scales)
   except ValueError as error:  # scales of a VALID-padded model
     raise errors.UserError(f'{workdir}: {error}') from None
-  prior = prior_correction.strength(config, prior_strength)
-  if prior:
-    apply_fn = prior_correction.corrected(
-        apply_fn, prior_correction.load(workdir, config.model.num_classes), prior)
+  apply_fn, prior = prior_correction.for_workdir(apply_fn, config, workdir, prior_strength)
   # Only now, with a model to run: a failed start leaves no empty folder behind.
   checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size

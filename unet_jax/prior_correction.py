@@ -87,6 +87,16 @@ def corrected(apply_fn: Callable, weights, strength_: float) -> Callable:
   return apply
 
 
+def for_workdir(apply_fn: Callable, config, workdir: str,
+                value: float | None = None) -> tuple[Callable, float]:
+  """(apply_fn corrected at `strength(config, value)`, that strength), with
+  the weights the workdir's training recorded (read only when needed)."""
+  strength_ = strength(config, value)
+  if strength_:
+    apply_fn = corrected(apply_fn, load(workdir, config.model.num_classes), strength_)
+  return apply_fn, strength_
+
+
 def describe(strength_: float) -> str:
   """'none' or e.g. 'strength 0.25'."""
   return 'none' if strength_ == 0 else f'strength {strength_:g}'
