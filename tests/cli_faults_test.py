@@ -3,6 +3,7 @@ naming the file or field and the problem, no traceback, nothing written to
 the data folder and the workdir's checkpoints unchanged (README, Reliability)."""
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -110,6 +111,20 @@ def _case(name, t):
     return ['unet_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest',
             '--prior_correction=0.25'], [
         f'{workdir}/class_weights.json does not exist', 'run its training command again']
+  if name == 'evaluate: ensemble of another split':
+    other = t['tmp'] / 'other_split'
+    shutil.copytree(workdir, other)
+    config = json.loads((other / 'config.json').read_text())
+    config['data']['validation_fraction'] = 0.5
+    (other / 'config.json').write_text(json.dumps(config))
+    return ['unet_jax.evaluate', f'--workdir={workdir}', '--checkpoint=latest',
+            f'--ensemble={other}'], [
+        f'{other}: trained on another split of the data than {workdir}',
+        'data.validation_fraction']
+  if name == 'predict: missing ensemble member':
+    return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
+            f'--output={out}', f'--ensemble={t["tmp"]}/none'], [
+        f'{t["tmp"]}/none/config.json does not exist']
   if name == 'predict: no checkpoint':
     shutil.rmtree(workdir / 'checkpoints')
     return ['unet_jax.predict', f'--workdir={workdir}', f'--input={data}/CameraRGB',
@@ -135,7 +150,8 @@ CASES = ['main: config choice', 'main: contradicting fields', 'main: infinite le
          'main: dangling link', 'main: unwritable workdir', 'main: damaged config.json',
          'evaluate: not a workdir', 'evaluate: unknown step', 'evaluate: corrupt checkpoint',
          'evaluate: bad folder', 'evaluate: unwritable report folder', 'evaluate: bad eval size',
-         'evaluate: no class weights', 'predict: bad test-time scales',
+         'evaluate: no class weights', 'evaluate: ensemble of another split',
+         'predict: bad test-time scales', 'predict: missing ensemble member',
          'predict: negative prior correction', 'predict: no checkpoint',
          'predict: missing input', 'predict: output holds the input',
          'synthetic: unwritable output', 'synthetic: no scenes']

@@ -3,7 +3,7 @@ r"""Evaluates a trained checkpoint and writes a report a person can read.
     python -m unet_jax.evaluate --workdir=runs/carla [--split=validation|test] \
         [--checkpoint=best|latest|STEP] [--data_dir=DIR] [--num_images=8] \
         [--eval_size=480,640|model] [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] \
-        [--noweight_average] [--prior_correction=S]
+        [--noweight_average] [--prior_correction=S] [--ensemble=DIR[,DIR...]]
 
 Works from the workdir alone: its config.json and checkpoints. Whole frames
 are scored at the config's `inference.eval_size` (CARLA's native 480x640 in
@@ -17,11 +17,17 @@ split, preprocessed as in training; the split is then called
 `folder-<folder name>`. A run that kept a moving average of its weights
 (`ema_decay` > 0) is scored with that average, as training scored it;
 `--noweight_average` scores the optimizer's own weights of the same
-checkpoint instead, so one run measures what the average adds. Writes
+checkpoint instead, so one run measures what the average adds.
+`--ensemble` adds the models of other workdirs (the same `--checkpoint` of
+each): their class probabilities are averaged with the first model's
+(unet_jax.ensemble), every model with the same test-time augmentation and
+prior correction; a workdir that trained on other frames than the first
+cannot join the scoring of a split. Writes
 `<workdir>/eval/<split>-<step>/` for the config's own scoring; a flag that
 changes it adds its setting to the folder's name (`-480x640`, `-notta`,
-`-tta_flip_0.75,1,1.25`, `-prior0.25`, `-no_average`), so each way of
-scoring a checkpoint keeps its own report (unet_jax.report writes it):
+`-tta_flip_0.75,1,1.25`, `-prior0.25`, `-no_average`, `-ensemble3_<hash>`),
+so each way of scoring a checkpoint keeps its own report (unet_jax.report
+writes it):
 
 * metrics.json: pixel accuracy, mean IoU, mean class accuracy, loss,
   per-class IoU, accuracy and pixel count by name, the confusion matrix,
@@ -61,6 +67,7 @@ from unet_jax import checkpointing
 from unet_jax import classes
 from unet_jax import cli
 from unet_jax import console
+from unet_jax import ensemble
 from unet_jax import errors
 from unet_jax import evaluation
 from unet_jax import input_pipeline
@@ -200,7 +207,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
                      data_dir: str | None = None, num_images: int = 8,
                      tta_flip: bool | None = None, tta_scales=None,
                      skip_bad_pairs: bool | None = None, eval_size=None,
-                     weight_average: bool = True, prior_strength: float | None = None):
+                     weight_average: bool = True, prior_strength: float | None = None,
+                     ensemble_workdirs=None):
   """Evaluates a workdir's checkpoint on a split (or a folder) and writes the report.
 
   eval_size, tta_flip and tta_scales: where given, the size whole frames are
@@ -211,30 +219,42 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
   weights of a run that kept a moving average (`ema_decay` > 0).
   prior_strength: how much of training's class-weight prior to take out of
   the predictions (unet_jax.prior_correction); None takes the config's
-  `inference.prior_correction`.
+  `inference.prior_correction`. ensemble_workdirs: other workdirs ('a,b' or
+  a list) whose models are averaged with this one's (unet_jax.ensemble); the
+  settings above come from this workdir's config and apply to all of them.
 
   Returns:
     (summary, out_dir): `evaluation.evaluate`'s summary plus 'step',
-    'eval_size', 'tta', 'weights' and 'prior_correction' (what was used) and 'per_recording'
+    'eval_size', 'tta', 'weights', 'prior_correction' and 'ensemble' (the
+    models scored: workdir and step each; what was used) and 'per_recording'
     ({recording: its own metrics, confusion matrix and num_examples}), and
     the report folder `<workdir>/eval/<report_folder_name>`.
   """
   mesh = sharding.create_mesh()
-  config, variables, step = checkpointing.restore_model(
-      workdir, checkpoint, sharding=sharding.replicated(mesh), weight_average=weight_average)
+  members = ensemble.restore([workdir, *ensemble.parse_workdirs(ensemble_workdirs)], checkpoint,
+                             sharding=sharding.replicated(mesh), weight_average=weight_average)
+  config, step, model = members[0].config, members[0].step, members[0].model
+  ensemble.check(members, None if data_dir is not None else split)
   weights = weights_used(config, weight_average)
   if skip_bad_pairs is not None:
     config.data.skip_bad_pairs = skip_bad_pairs
-  model = models.unet_from_config(config.model)
   model_size = tuple(int(n) for n in config.data.image_size)
   size = scoring_size(config, eval_size)
   flip, scales = tta.settings(config, tta_flip, tta_scales)
-  try:
-    apply_fn = tta.from_flags(model, flip, scales,
-                              model_size=None if size == model_size else model_size)
-  except ValueError as error:  # another size or scales for a VALID-padded model
-    raise errors.UserError(f'{workdir}: {error} (--eval_size=model --tta_scales=1.0)') from None
-  apply_fn, prior = prior_correction.for_workdir(apply_fn, config, workdir, prior_strength)
+  prior = prior_correction.strength(config, prior_strength)
+  apply_fns = []
+  for member in members:  # each at its own training size, with the same views and prior
+    member_size = tuple(int(n) for n in member.config.data.image_size)
+    try:
+      member_apply = tta.from_flags(member.model, flip, scales,
+                                    model_size=None if size == member_size else member_size)
+    except ValueError as error:  # another size or scales for a VALID-padded model
+      raise errors.UserError(f'{member.workdir}: {error} (--eval_size=model --tta_scales=1.0)'
+                             ) from None
+    apply_fns.append(prior_correction.for_workdir(member_apply, member.config, member.workdir,
+                                                  prior)[0])
+  apply_fn = ensemble.average(apply_fns)
+  variables = tuple(member.variables for member in members)
   # The report is written after all the scoring: find out now if it cannot be.
   if jax.process_index() == 0:
     checkpointing.check_writable(pathlib.Path(workdir) / EVAL_DIR, 'report folder')
@@ -249,11 +269,11 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
       variables, data, groups=recordings)
   summary['per_recording'] = summary.pop('per_group')
   summary.update(step=step, eval_size=size, tta={'flip': flip, 'scales': list(scales)},
-                 weights=weights, prior_correction=prior)
+                 weights=weights, prior_correction=prior, ensemble=ensemble.describe(members))
   examples = collect_examples(model, variables, data, mesh, num_images, config.ignore_label,
                               apply_fn)
-  out_dir = pathlib.Path(workdir) / EVAL_DIR / report_folder_name(
-      config, split_name, step, size, flip, scales, prior, weights)
+  out_dir = pathlib.Path(workdir) / EVAL_DIR / (report_folder_name(
+      config, split_name, step, size, flip, scales, prior, weights) + ensemble.tag(members))
   if jax.process_index() == 0:
     record = report.metrics_record(summary, split=split_name, step=step, workdir=workdir,
                             num_examples=data.num_examples, data_dir=data_dir,
@@ -261,6 +281,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
     record.update(eval_size=list(size), model_size=list(model_size), tta=summary['tta'],
                   weights=weights, prior_correction=prior,
                   report_classes=_rare_class_names(config))
+    if len(members) > 1:
+      record['ensemble'] = ensemble.describe(members)
     report.write_report(out_dir, record, examples)
     logging.info('%s at step %d:\n%s', split_name, step, metric_logging.per_class_table(summary))
   return summary, out_dir
@@ -294,6 +316,8 @@ def define_flags() -> None:
                     'For a run that kept a moving average of its weights (ema_decay > 0): score '
                     "the average (as training did) or, with --noweight_average, the optimizer's "
                     'weights of the same checkpoint.')
+  flags.DEFINE_list('ensemble', None, 'Other training workdirs whose models are averaged with '
+                    "--workdir's (their class probabilities), e.g. runs/seed1,runs/seed2.")
   flags.mark_flag_as_required('workdir')
 
 
@@ -305,13 +329,16 @@ def main(argv):
   summary, out_dir = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                       FLAGS.data_dir, FLAGS.num_images, FLAGS.tta_flip,
                                       FLAGS.tta_scales, FLAGS.skip_bad_pairs, FLAGS.eval_size,
-                                      FLAGS.weight_average, FLAGS.prior_correction)
+                                      FLAGS.weight_average, FLAGS.prior_correction,
+                                      FLAGS.ensemble)
   height, width = summary['eval_size']
   augmentation = tta.describe(summary['tta']['flip'], summary['tta']['scales'])
   weights = {'average': ', weight average', report.AVERAGE_LEFT_OUT: ", optimizer's weights"}.get(
       summary['weights'], '')
   if summary['prior_correction']:
     weights += f', class-weight prior out at {summary["prior_correction"]:g}'
+  if len(summary['ensemble']) > 1:
+    weights += f', ensemble of {len(summary["ensemble"])} models'
   print(f'step {summary["step"]} ({height}x{width} frames, test-time augmentation: '
         f'{augmentation}{weights}): pixel accuracy {summary["pixel_accuracy"]:.4f}, '
         f'mean IoU {summary["mean_iou"]:.4f}, mean class accuracy '

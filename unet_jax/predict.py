@@ -2,7 +2,8 @@ r"""Runs a trained U-Net on images of any size; writes masks and pictures.
 
     python -m unet_jax.predict --workdir=runs/carla --input=FILE_OR_DIR --output=DIR \
         [--checkpoint=best|latest|STEP] [--mode=resize|tile] [--batch_size=N] \
-        [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] [--prior_correction=S]
+        [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] [--prior_correction=S] \
+        [--ensemble=DIR[,DIR...]]
 
 For every input PNG (a file, or every file of a folder) it writes into
 --output `<stem>_mask.png` (the CARLA mask format: class index in channel 0,
@@ -31,6 +32,8 @@ config's `inference.tta_flip` and `inference.tta_scales` unless the flags
 say otherwise (`--notta_flip --tta_scales=1.0`: the model alone); so is
 taking training's class-weight prior out of the predictions
 (`inference.prior_correction`, `--prior_correction`; unet_jax.prior_correction).
+`--ensemble` averages the class probabilities of other workdirs' models
+(trained at the same input size) with this one's (unet_jax.ensemble).
 """
 
 from collections.abc import Iterator
@@ -52,6 +55,7 @@ from unet_jax import carla_files
 from unet_jax import checkpointing
 from unet_jax import cli
 from unet_jax import console
+from unet_jax import ensemble
 from unet_jax import errors
 from unet_jax import metric_logging
 from unet_jax import models
@@ -279,7 +283,8 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
 
 def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint: str = 'best',
                   mode: str = 'resize', batch_size: int = 0, tta_flip: bool | None = None,
-                  tta_scales=None, prior_strength: float | None = None) -> PredictionRun:
+                  tta_scales=None, prior_strength: float | None = None,
+                  ensemble_workdirs=None) -> PredictionRun:
   """Predicts every input and writes its three PNGs into output_dir.
 
   Args:
@@ -295,6 +300,10 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
     prior_strength: how much of training's class-weight prior to take out
       of the predictions (unet_jax.prior_correction); None takes the
       config's `inference.prior_correction`.
+    ensemble_workdirs: other workdirs ('a,b' or a list) whose models are
+      averaged with this one's (unet_jax.ensemble); each must have been
+      trained at the same input size. The settings above come from this
+      workdir's config and apply to all of them.
   """
   if mode not in MODES:
     raise errors.UserError(f'mode must be one of {MODES}, got {mode!r}')
@@ -302,27 +311,42 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
   output = check_output_dir(output_dir, paths)
   # One process on all of its own devices: prediction needs no other host.
   mesh = sharding.local_mesh()
-  config, variables, step = checkpointing.restore_model(
-      workdir, checkpoint, sharding=sharding.replicated(mesh))
+  members = ensemble.restore([workdir, *ensemble.parse_workdirs(ensemble_workdirs)], checkpoint,
+                             sharding=sharding.replicated(mesh))
+  config, step, model = members[0].config, members[0].step, members[0].model
+  ensemble.check(members)
   if config.model.num_classes > 256:
     raise errors.UserError(f'{config.model.num_classes} classes do not fit the 8-bit CARLA mask')
-  model = models.unet_from_config(config.model)
+  in_size = tuple(config.data.image_size)
+  for member in members[1:]:  # every model takes the same tiles
+    if tuple(member.config.data.image_size) != in_size:
+      raise errors.UserError(
+          f'{member.workdir}: trained at {tuple(member.config.data.image_size)} against '
+          f'{in_size} in {workdir}: predict averages models of one input size')
   flip, scales = tta.settings(config, tta_flip, tta_scales)
-  try:
-    apply_fn = tta.from_flags(model, flip, scales)
-  except ValueError as error:  # scales of a VALID-padded model
-    raise errors.UserError(f'{workdir}: {error}') from None
-  apply_fn, prior = prior_correction.for_workdir(apply_fn, config, workdir, prior_strength)
+  prior = prior_correction.strength(config, prior_strength)
+  apply_fns = []
+  for member in members:
+    try:
+      member_apply = tta.from_flags(member.model, flip, scales)
+    except ValueError as error:  # scales of a VALID-padded model
+      raise errors.UserError(f'{member.workdir}: {error}') from None
+    apply_fns.append(prior_correction.for_workdir(member_apply, member.config, member.workdir,
+                                                  prior)[0])
+  apply_fn = ensemble.average(apply_fns)
+  variables = tuple(member.variables for member in members)
   # Only now, with a model to run: a failed start leaves no empty folder behind.
   checkpointing.check_writable(output, '--output')
   devices = mesh.devices.size
   batch_size = batch_size or int(config.batch_size)
   batch_size = -(-batch_size // devices) * devices
   predict = _compile_predict(model, mesh, apply_fn)
-  logging.info('Predicting %d file(s) with checkpoint %d (%s mode, test-time augmentation: %s, '
-               'class-weight prior correction: %s), batches of %d tiles on %d device(s).',
-               len(paths), step, mode, tta.describe(flip, scales),
-               prior_correction.describe(prior), batch_size, devices)
+  logging.info('Predicting %d file(s) with checkpoint %d%s (%s mode, test-time augmentation: '
+               '%s, class-weight prior correction: %s), batches of %d tiles on %d device(s).',
+               len(paths), step,
+               f' and {len(members) - 1} more model(s) averaged' if len(members) > 1 else '',
+               mode, tta.describe(flip, scales), prior_correction.describe(prior), batch_size,
+               devices)
 
   start = time.perf_counter()
   written, failed = [], []
@@ -390,6 +414,8 @@ def define_flags() -> None:
                      "How much of training's class-weight prior to take out of the predictions: "
                      '0 none, 1 all (unet_jax.prior_correction; default: the training '
                      "config's inference.prior_correction).")
+  flags.DEFINE_list('ensemble', None, 'Other training workdirs whose models are averaged with '
+                    "--workdir's (their class probabilities), e.g. runs/seed1,runs/seed2.")
   flags.mark_flags_as_required(['workdir', 'input', 'output'])
 
 
@@ -400,7 +426,8 @@ def main(argv):
   console.setup(verbose=cli.verbose())
   run = predict_files(FLAGS.workdir, FLAGS.input, FLAGS.output, checkpoint=FLAGS.checkpoint,
                       mode=FLAGS.mode, batch_size=FLAGS.batch_size, tta_flip=FLAGS.tta_flip,
-                      tta_scales=FLAGS.tta_scales, prior_strength=FLAGS.prior_correction)
+                      tta_scales=FLAGS.tta_scales, prior_strength=FLAGS.prior_correction,
+                      ensemble_workdirs=FLAGS.ensemble)
   if run.failed:
     print(f'{len(run.failed)} input(s) failed:')
     for _, why in run.failed:

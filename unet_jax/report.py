@@ -92,6 +92,10 @@ def report_markdown(record: dict, has_examples: bool) -> str:
     lines += [f'Scored on whole frames at {height}x{width} (the model sees them at '
               f'{model_h}x{model_w}); test-time augmentation: '
               f'{tta.describe(record["tta"]["flip"], record["tta"]["scales"])}.', '']
+  if record.get('ensemble'):
+    members = ', '.join(f'`{m["workdir"]}` (step {m["step"]})' for m in record['ensemble'])
+    lines += [f'Ensemble of {len(record["ensemble"])} models, class probabilities averaged: '
+              f'{members}.', '']
   if record.get('prior_correction'):
     lines += [f"Class-weight prior taken out at strength {record['prior_correction']:g} "
               '(`--prior_correction`).', '']
