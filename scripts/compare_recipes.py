@@ -40,6 +40,10 @@ takes training's class-weight prior out of the predictions at strength S
 (unet_jax.prior_correction); on finished runs they score the trained model
 again (into `result_tta_*.json`, `result_prior*.json`) without training.
 
+`--ensemble` also scores each recipe's finished seeds as one model, their
+class probabilities averaged (unet_jax.ensemble), the same way as the runs
+alone: a table of its own and `comparison_ensemble*.json`.
+
 `--parallel=N` trains N runs at a time side by side, each in its own process
 (one accelerator shared, its memory allocated as needed), with its console
 in `<workdir>/<recipe>/seed<k>/log.txt`; the table follows when all are done.
@@ -106,6 +110,8 @@ SHARE_COMPILATION = flags.DEFINE_bool(
     'compiled programs (persistent compilation cache) and start once it has compiled.')
 REFERENCE = flags.DEFINE_string('reference', '', 'The recipe the others are compared with '
                                 'recording by recording (with --eval_size); empty: the first.')
+ENSEMBLE = flags.DEFINE_bool('ensemble', False, "Also score each recipe's finished seeds as one "
+                              'model, their class probabilities averaged (unet_jax.ensemble).')
 REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Train nothing: print the table of the '
                                 'runs that have finished.')
 
@@ -249,22 +255,67 @@ def run_one(name: str, spec: str, overrides: list[str], seed: int, split: str,
   # Images/s from the run's own log (excludes evaluation, and holds for resumed runs).
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   rates = [line['images_per_second'] for line in lines if 'images_per_second' in line]
-  iou = {name: float(summary['per_class_iou'][classes.CLASS_NAMES.index(name)])
-         for name in REPORTED_CLASSES}
   result = {'recipe': name, 'config': spec, 'overrides': overrides, 'seed': seed,
-            'pixel_accuracy': summary['pixel_accuracy'], 'mean_iou': summary['mean_iou'],
-            'mean_class_accuracy': summary['mean_class_accuracy'], 'iou': iou,
             'wall_seconds': wall, 'machine': machine,
             'images_per_second': float(np.median(rates)) if rates else float('nan'),
             'epochs': config.num_epochs, 'image_size': list(config.data.image_size),
             'eval_size': [int(n) for n in (eval_size or config.data.image_size)],
             'tta': {'flip': bool(flip), 'scales': list(tta.parse_scales(scales))},
-            'prior_correction': float(prior),
+            'prior_correction': float(prior), **figures(summary)}
+  result_file.write_text(json.dumps(result, indent=2))
+  return result
+
+
+def figures(summary: dict) -> dict:
+  """A result's scores from an evaluation summary: the summaries, every
+  class's IoU (and the reported classes' by name) and, where it was scored
+  recording by recording, each recording's mean IoU."""
+  result = {'pixel_accuracy': summary['pixel_accuracy'], 'mean_iou': summary['mean_iou'],
+            'mean_class_accuracy': summary['mean_class_accuracy'],
+            'iou': {name: float(summary['per_class_iou'][classes.CLASS_NAMES.index(name)])
+                    for name in REPORTED_CLASSES},
             'per_class_iou': [float(x) for x in summary['per_class_iou']]}
   if 'per_recording' in summary:  # scored by `evaluate_at`: each recording on its own too
     result['per_recording_mean_iou'] = {
         recording: float(group['mean_iou'])
         for recording, group in summary['per_recording'].items()}
+  return result
+
+
+def ensemble_name(name: str, seeds) -> str:
+  return f'{name}, seeds {",".join(str(s) for s in seeds)} averaged'
+
+
+def run_ensemble(runs: list[dict], workdirs: list[pathlib.Path], split: str,
+                 score: bool = True) -> dict | None:
+  """A recipe's finished runs (`run_one`'s results, one per seed, all scored
+  the same way) scored again as one model, their class probabilities
+  averaged (unet_jax.ensemble), with the same frames, test-time augmentation
+  and prior correction; the figures are also left in
+  `<recipe>/ensemble_seeds<k,...>_<result_name>` and read back from there.
+  Its wall time and images/s are the runs' summed and averaged. With
+  score=False only figures left before are read (None where there are none)."""
+  first = runs[0]
+  seeds = [r['seed'] for r in runs]
+  flip, scales, prior = first['tta']['flip'], first['tta']['scales'], first['prior_correction']
+  result_file = workdirs[0].parent / (f'ensemble_seeds{",".join(str(s) for s in seeds)}_'
+                                      + result_name(flip, scales, prior))
+  if result_file.exists():
+    return json.loads(result_file.read_text())
+  if not score:
+    return None
+  summary, _ = evaluate.evaluate_workdir(
+      str(workdirs[0]), split, 'latest', num_images=0, tta_flip=flip, tta_scales=scales,
+      eval_size=tuple(first['eval_size']), prior_strength=prior,
+      ensemble_workdirs=[str(w) for w in workdirs[1:]])
+  result = {'recipe': ensemble_name(first['recipe'], seeds), 'config': first['config'],
+            'overrides': first['overrides'], 'seed': 'ensemble', 'seeds': seeds,
+            'wall_seconds': float(sum(r['wall_seconds'] for r in runs)),
+            'machine': first.get('machine'),
+            'images_per_second': float(np.mean([r['images_per_second'] for r in runs])),
+            'epochs': first['epochs'], 'image_size': first['image_size'],
+            'eval_size': first['eval_size'], 'tta': first['tta'], 'prior_correction': prior,
+            **figures(summary)}
   result_file.write_text(json.dumps(result, indent=2))
   return result
 
@@ -452,6 +503,14 @@ def main(argv):
       results.append(run_one(name, spec, [*OVERRIDES.value, *overrides], int(seed), SPLIT.value,
                              workdir, [int(n) for n in EVAL_SIZE.value], TTA_FLIP.value,
                              TTA_SCALES.value, PRIOR.value))
+  ensembles = []
+  if ENSEMBLE.value:
+    for name in recipes:
+      runs = [r for r in results if r['recipe'] == name]
+      if len(runs) > 1:
+        ensemble = run_ensemble(runs, [root / name / f'seed{r["seed"]}' for r in runs],
+                                SPLIT.value, score=not REPORT_ONLY.value)
+        ensembles += [ensemble] if ensemble else []
   for line in failures:
     print(line)
   if not results:
@@ -467,6 +526,13 @@ def main(argv):
              if any(not np.isnan(r['per_class_iou'][classes.CLASS_NAMES.index(c)])
                     for r in results)]
   print(table(results, class_names=present))
+  if ensembles:
+    print()
+    print("Each recipe's seeds as one model, their class probabilities averaged (--ensemble; "
+          'wall s: their training summed):')
+    print(table(ensembles, class_names=present))
+    (root / comparison.replace('comparison', 'comparison_ensemble', 1)).write_text(
+        json.dumps(ensembles, indent=2))
   reference = REFERENCE.value or next(iter(recipes))
   paired = paired_table(results, reference)
   if paired:

@@ -152,6 +152,33 @@ def test_eval_size_scores_whole_frames_at_that_size(tmp_path):
   assert written['prior_correction'] == 0.5 and written['mean_iou'] == corrected['mean_iou']
 
 
+def test_a_recipes_seeds_are_scored_as_one_model(tmp_path):
+  overrides = _tiny_scenes(tmp_path)
+  runs = [compare_recipes.run_one('tiny', f'{CARLA}:smoke', overrides, seed, 'validation',
+                                  tmp_path / 'tiny' / f'seed{seed}', eval_size=[48, 64],
+                                  flip=True)
+          for seed in (0, 1)]
+  workdirs = [tmp_path / 'tiny' / 'seed0', tmp_path / 'tiny' / 'seed1']
+  assert compare_recipes.run_ensemble(runs, workdirs, 'validation', score=False) is None
+  result = compare_recipes.run_ensemble(runs, workdirs, 'validation')
+  written = tmp_path / 'tiny' / 'ensemble_seeds0,1_result_tta_flip_1.json'
+  # Read back, not scored again (compared as JSON: an absent class's IoU is NaN).
+  assert written.read_text() == json.dumps(result, indent=2)
+  again = compare_recipes.run_ensemble(runs, workdirs, 'validation', score=False)
+  assert json.dumps(again) == json.dumps(result)
+  assert result['recipe'] == 'tiny, seeds 0,1 averaged' and result['seeds'] == [0, 1]
+  assert result['eval_size'] == [48, 64] and result['tta'] == {'flip': True, 'scales': [1.0]}
+  assert result['wall_seconds'] == pytest.approx(sum(r['wall_seconds'] for r in runs))
+  assert set(result['per_recording_mean_iou']) == set(runs[0]['per_recording_mean_iou'])
+  # The same as evaluate's scoring of the two workdirs together, with the runs' settings.
+  summary, out_dir = compare_recipes.evaluate.evaluate_workdir(
+      str(workdirs[0]), 'validation', 'latest', num_images=0, tta_flip=True, eval_size=(48, 64),
+      ensemble_workdirs=[str(workdirs[1])])
+  assert result['mean_iou'] == pytest.approx(summary['mean_iou'])
+  assert [m['workdir'] for m in summary['ensemble']] == [str(w) for w in workdirs]
+  assert '-ensemble2_' in out_dir.name
+
+
 def test_each_scoring_has_its_own_result_file():
   assert compare_recipes.result_name() == 'result.json'
   assert compare_recipes.result_name(True, ['0.75', '1.0', '1.25']) == (
@@ -270,3 +297,26 @@ def test_the_report_compares_recipes_recording_by_recording(tmp_path):
   assert wrong.returncode == 1
   assert wrong.stderr.strip().splitlines() == [
       'error: --reference=missing: not one of the recipes (base, new)']
+
+
+def test_the_report_shows_the_ensembles_scored_before(tmp_path):
+  settings = {'tta': {'flip': False, 'scales': [1.0]}, 'prior_correction': 0.0}
+  for seed, mean_iou in ((0, 0.30), (1, 0.32)):
+    run = tmp_path / 'new' / f'seed{seed}'
+    run.mkdir(parents=True)
+    (run / 'result.json').write_text(json.dumps(dict(_result('new', 0.9, mean_iou, 0.0),
+                                                     seed=seed, **settings)))
+  ensemble = dict(_result('new, seeds 0,1 averaged', 0.92, 0.345, 0.0), seed='ensemble',
+                  **settings)
+  (tmp_path / 'new' / 'ensemble_seeds0,1_result.json').write_text(json.dumps(ensemble))
+  shown = subprocess.run(
+      [sys.executable, str(REPO / 'scripts' / 'compare_recipes.py'), f'--workdir={tmp_path}',
+       '--report_only', '--ensemble', '--seeds=0,1', f'--recipe=new={CARLA}'],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert shown.returncode == 0, shown.stderr
+  table = shown.stdout.split("Each recipe's seeds as one model")[1]
+  assert '| new, seeds 0,1 averaged | 1 | 0.920 | 0.345 |' in table
+  assert '| new | 2 | 0.900 ± 0.000 | 0.310 ± 0.014 |' in shown.stdout
+  written = json.loads((tmp_path / 'comparison_ensemble.json').read_text())
+  assert [r['mean_iou'] for r in written] == [0.345]
