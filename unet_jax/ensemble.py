@@ -2,11 +2,12 @@
 
 `evaluate` and `predict` take `--ensemble=DIR[,DIR...]`, other training
 workdirs whose models run beside `--workdir`'s on every frame. Each member
-is restored from its own workdir (`restore`), runs with the test-time
+is restored from its own workdir (`restore`) and runs with the test-time
 augmentation and prior correction the command settled on (the flags, else
-the first workdir's `inference` field), at its own training size, and
-`average` turns their apply functions into one: the log of the members'
-mean probabilities, whose argmax is the ensemble's prediction. Models of
+the first workdir's `inference` field), at its own training size
+(`apply_function`); `average` turns their apply functions into one: the log
+of the members' mean probabilities, whose argmax is the ensemble's
+prediction. Models of
 different seeds of one config make the usual ensemble; models of different
 configs may join as long as they label the same classes the same way
 (`check`).
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 from unet_jax import checkpointing
 from unet_jax import errors
 from unet_jax import models
+from unet_jax import prior_correction
+from unet_jax import tta
 
 # What decides which frames a run trained on (carla_dataset.assign_splits).
 SPLIT_FIELDS = ('split_key', 'validation_fraction', 'test_fraction', 'validation_groups',
@@ -139,6 +142,30 @@ def average(apply_fns: Sequence[Callable]) -> Callable:
     return jnp.log(total / len(apply_fns))
 
   return apply
+
+
+def apply_function(members: Sequence[Member], flip: bool, scales, prior: float,
+                   frame_size=None, hint: str = '') -> Callable:
+  """`average` of the members, each with the test-time views (unet_jax.tta)
+  and its own class-weight prior taken out at strength `prior`
+  (unet_jax.prior_correction); apply it to the tuple of their variables.
+
+  frame_size: (height, width) of the frames it will be given, when they are
+  not at the members' training size: each member then sees its views at its
+  own `data.image_size` and its probabilities come back to the frames'
+  pixels. hint: added to the error of a VALID-padded member that cannot do that.
+  """
+  apply_fns = []
+  for member in members:
+    member_size = tuple(int(n) for n in member.config.data.image_size)
+    model_size = None if frame_size is None or tuple(frame_size) == member_size else member_size
+    try:
+      member_apply = tta.from_flags(member.model, flip, scales, model_size=model_size)
+    except ValueError as error:  # another size or scales for a VALID-padded model
+      raise errors.UserError(f'{member.workdir}: {error}{hint}') from None
+    apply_fns.append(prior_correction.for_workdir(member_apply, member.config, member.workdir,
+                                                  prior)[0])
+  return average(apply_fns)
 
 
 def tag(members: Sequence[Member]) -> str:

@@ -242,18 +242,8 @@ def evaluate_workdir(workdir: str, split: str = 'validation', checkpoint: str = 
   size = scoring_size(config, eval_size)
   flip, scales = tta.settings(config, tta_flip, tta_scales)
   prior = prior_correction.strength(config, prior_strength)
-  apply_fns = []
-  for member in members:  # each at its own training size, with the same views and prior
-    member_size = tuple(int(n) for n in member.config.data.image_size)
-    try:
-      member_apply = tta.from_flags(member.model, flip, scales,
-                                    model_size=None if size == member_size else member_size)
-    except ValueError as error:  # another size or scales for a VALID-padded model
-      raise errors.UserError(f'{member.workdir}: {error} (--eval_size=model --tta_scales=1.0)'
-                             ) from None
-    apply_fns.append(prior_correction.for_workdir(member_apply, member.config, member.workdir,
-                                                  prior)[0])
-  apply_fn = ensemble.average(apply_fns)
+  apply_fn = ensemble.apply_function(members, flip, scales, prior, frame_size=size,
+                                     hint=' (--eval_size=model --tta_scales=1.0)')
   variables = tuple(member.variables for member in members)
   # The report is written after all the scoring: find out now if it cannot be.
   if jax.process_index() == 0:

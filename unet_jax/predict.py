@@ -325,15 +325,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
           f'{in_size} in {workdir}: predict averages models of one input size')
   flip, scales = tta.settings(config, tta_flip, tta_scales)
   prior = prior_correction.strength(config, prior_strength)
-  apply_fns = []
-  for member in members:
-    try:
-      member_apply = tta.from_flags(member.model, flip, scales)
-    except ValueError as error:  # scales of a VALID-padded model
-      raise errors.UserError(f'{member.workdir}: {error}') from None
-    apply_fns.append(prior_correction.for_workdir(member_apply, member.config, member.workdir,
-                                                  prior)[0])
-  apply_fn = ensemble.average(apply_fns)
+  apply_fn = ensemble.apply_function(members, flip, scales, prior)
   variables = tuple(member.variables for member in members)
   # Only now, with a model to run: a failed start leaves no empty folder behind.
   checkpointing.check_writable(output, '--output')
