@@ -7,10 +7,9 @@ augmentation and prior correction the command settled on (the flags, else
 the first workdir's `inference` field), at its own training size
 (`apply_function`); `average` turns their apply functions into one: the log
 of the members' mean probabilities, whose argmax is the ensemble's
-prediction. Models of
-different seeds of one config make the usual ensemble; models of different
-configs may join as long as they label the same classes the same way
-(`check`).
+prediction. Models of different seeds of one config make the usual
+ensemble; models of different configs may join as long as they label the
+same classes the same way and trained on the same frames (`check`).
 
 One member is the model alone: `average` then returns its outputs
 untouched, so a command without `--ensemble` scores exactly as before.
@@ -32,7 +31,7 @@ from unet_jax import tta
 
 # What decides which frames a run trained on (carla_dataset.assign_splits).
 SPLIT_FIELDS = ('split_key', 'validation_fraction', 'test_fraction', 'validation_groups',
-                'synthetic_scenes')
+                'synthetic_scenes', 'train_splits')
 
 
 @dataclasses.dataclass
@@ -68,14 +67,18 @@ def _split_definition(config) -> dict:
   data = config.data
   definition = {field: data.get(field) for field in SPLIT_FIELDS}
   definition['validation_groups'] = sorted(definition['validation_groups'] or ())
+  definition['train_splits'] = sorted(definition['train_splits'] or ('train',))
   definition['data_dir'] = str(pathlib.Path(data.data_dir).resolve())
   return definition
 
 
 def check(members: Sequence[Member], scored_split: str | None = None) -> None:
-  """A clear error where the members cannot be averaged, or where one has
-  trained on frames of `scored_split` (a split of the first member's data;
-  None when a folder is scored instead).
+  """A clear error where the members cannot be averaged, or, when a split
+  of the first member's data is scored (`scored_split`; None for a folder),
+  where another member trained on other frames than the first: its score
+  could then count frames it learned from. (Models trained on the scored
+  split itself, `data.train_splits`, are scored as one of them alone is:
+  not held out, as training says.)
 
   Every member must predict the same number of classes with the same ignore
   label and padding; VALID-padded members also the same depth and input
@@ -104,18 +107,15 @@ def check(members: Sequence[Member], scored_split: str | None = None) -> None:
               'VALID-padded models average only with the same output geometry')
   if scored_split is None:
     return
+  theirs = _split_definition(first.config)
   for member in members[1:]:
-    mine, theirs = _split_definition(member.config), _split_definition(first.config)
+    mine = _split_definition(member.config)
     differing = [f'data.{field}' for field in mine if mine[field] != theirs[field]]
     if differing:
       raise errors.UserError(
           f'{member.workdir}: trained on another split of the data than {first.workdir} '
           f'({", ".join(differing)} differ), so its {scored_split} score could include frames '
           'it trained on; score a folder of frames none of them trained on (--data_dir)')
-  for member in members:
-    if scored_split in tuple(member.config.data.get('train_splits', ('train',))):
-      raise errors.UserError(f'{member.workdir}: trained on the {scored_split} split '
-                             '(data.train_splits), so it cannot be scored on it')
 
 
 def average(apply_fns: Sequence[Callable]) -> Callable:
