@@ -10,12 +10,18 @@ other processes before the backends start.
 """
 
 from collections.abc import Mapping
+import itertools
 import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 MODES = ('auto', 'on', 'off')
+# How long the other processes wait for process 0 to prepare a dataset.
+PREPARATION_TIMEOUT_S = 6 * 3600
+_barrier_numbers = itertools.count()
 # What JAX's SLURM detection reads (jax._src.clusters.slurm_cluster).
 _SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
                          'SLURM_LOCALID')
@@ -81,4 +87,46 @@ def initialize(mode: str = 'auto', coordinator_address: str | None = None,
                              num_processes=num_processes, process_id=process_id,
                              local_device_ids=slurm_local_device_ids())
   logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+  connect_collectives()
   return True
+
+
+def connect_collectives() -> None:
+  """Opens, while every process is here, the device groups training communicates over.
+
+  On CPU devices (gloo) a group's connection is made the first time a
+  computation uses it, and gives up after 30 s when the processes arrive
+  further apart than that: one still compiling its train step, or preparing
+  the data while the others wait. Once made, a group waits as long as it
+  must. `jax.distributed.initialize` has just held every process until all
+  had arrived, so they are together now. The groups: every device (the
+  train and evaluation steps' sums) and one device per process (the
+  barriers and gathers of `multihost_utils`, which Orbax uses too).
+  """
+  if jax.process_count() == 1:
+    return
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('all',))
+  spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('all'))
+  ones = jax.make_array_from_callback((jax.device_count(),), spread,
+                                      lambda index: np.ones((1,), np.int32))
+  total = jax.jit(lambda x: x.sum(),
+                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  count = int(np.asarray(total(ones).addressable_data(0)))
+  if count != jax.device_count():
+    raise RuntimeError(f'a sum over the {jax.device_count()} devices gave {count}')
+  multihost_utils.sync_global_devices('unet_jax.distributed: every process connected')
+
+
+def barrier(name: str, timeout_s: float) -> None:
+  """Holds each process here until every process has arrived, for up to `timeout_s`.
+
+  Through the runtime's key-value store rather than the devices: a wait of
+  any length (the others while process 0 prepares the data) costs no device
+  work and meets none of the device groups' time limits. Every process must
+  pass the same barriers in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  wait = ocp.multihost.get_barrier_sync_fn()
+  wait(key=f'unet_jax.{name}.{next(_barrier_numbers)}', timeout_ms=int(timeout_s * 1000))

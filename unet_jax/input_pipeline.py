@@ -46,7 +46,6 @@ import threading
 
 import grain
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
@@ -56,6 +55,7 @@ from unet_jax import augmentation
 from unet_jax import carla_dataset
 from unet_jax import carla_files
 from unet_jax import classes
+from unet_jax import distributed
 from unet_jax import errors
 from unet_jax import models
 from unet_jax import preprocessing
@@ -392,7 +392,7 @@ def _in_process_order(work: Callable[[], object]) -> object:
   if jax.process_count() == 1:
     return work()
   result = work() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices('unet_jax.input_pipeline: process 0 done')
+  distributed.barrier('input_pipeline.process_0_done', distributed.PREPARATION_TIMEOUT_S)
   if jax.process_index() != 0:
     result = work()
   return result
