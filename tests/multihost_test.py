@@ -5,8 +5,10 @@ devices, train the tiny config on one global mesh of 4 devices; one process
 with 4 devices trains the same config on the same data. Both must end with
 the same parameters and evaluation metrics, and the two-process checkpoint
 must restore in a single process. SIGTERM to one process stops both at the
-same step with a checkpoint. Every process runs in its own session and is
-killed with its group whatever the outcome, so none outlives the test.
+same step with a checkpoint. A process may arrive 35 s after the other at
+a device group's first use or at a barrier. Every process runs in its own
+session and is killed with its group whatever the outcome, so none outlives
+the test.
 """
 
 import contextlib
@@ -50,36 +52,45 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
+def _running(commands, log_paths, env):
+  """Starts one process per command, each in its own session, its output to its log.
+
+  Yields the processes; on exit, whatever happened, kills every process
+  group, so that nothing outlives the test.
+  """
+  processes = []
+  try:
+    for command, log_path in zip(commands, log_paths):
+      with log_path.open('w') as log:  # a file, not a pipe: nobody must read it for progress
+        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    yield processes
+  finally:
+    for p in processes:  # the whole group, so that no child of a process outlives it either
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
+def _cpu_env(devices_per_process: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+
+
+@contextlib.contextmanager
 def _started(data_dir, workdir, *, num_processes: int, devices_per_process: int,
              extra_flags=()):
-  """Runs `unet_jax.main` in `num_processes` processes, each in its own session.
-
-  Yields the processes and their log files; on exit, whatever happened,
-  kills every process group, so that nothing outlives the test.
-  """
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+  """Runs `unet_jax.main` in `num_processes` processes; yields them and their logs."""
   command = [sys.executable, '-m', 'unet_jax.main', f'--workdir={workdir}', *TINY_CONFIG_FLAGS,
              f'--config.data.data_dir={data_dir}', *extra_flags]
   if num_processes > 1:
     command += [f'--coordinator_address=127.0.0.1:{_free_port()}',
                 f'--num_processes={num_processes}']
+  commands = [command + ([f'--process_id={i}'] if num_processes > 1 else [])
+              for i in range(num_processes)]
   log_paths = [pathlib.Path(f'{workdir}.process{i}.log') for i in range(num_processes)]
-  processes = []
-  try:
-    for process_id, log_path in enumerate(log_paths):
-      with log_path.open('w') as log:  # a file, not a pipe: nobody must read it for progress
-        id_flag = [f'--process_id={process_id}'] if num_processes > 1 else []
-        processes.append(subprocess.Popen(command + id_flag, cwd=REPO, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+  with _running(commands, log_paths, _cpu_env(devices_per_process)) as processes:
     yield processes, log_paths
-  finally:
-    for p in processes:  # the whole group, so that no child of a process outlives it either
-      try:
-        os.killpg(p.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-      p.wait()
 
 
 def _finished(processes, log_paths, deadline: float) -> list[str]:
@@ -211,22 +222,12 @@ LATE_S = 35
     ('one device per process', '[0, 1]'),
     ('barrier', 'passed')])
 def test_a_process_may_arrive_late(group, expected, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
   port = str(_free_port())
+  commands = [[sys.executable, '-c', _LATE_PROCESS, port, str(i), group, str(LATE_S)]
+              for i in range(2)]
   log_paths = [tmp_path / f'late{i}.log' for i in range(2)]
-  processes = []
-  try:
-    for process_id, log_path in enumerate(log_paths):
-      with log_path.open('w') as log:
-        processes.append(subprocess.Popen(
-            [sys.executable, '-c', _LATE_PROCESS, port, str(process_id), group, str(LATE_S)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+  with _running(commands, log_paths, _cpu_env(2)) as processes:
     logs = _finished(processes, log_paths, time.monotonic() + LATE_S + 120)
-  finally:
-    for p in processes:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
   results = [re.search(r'^result (.*) waited (.*)$', log, re.MULTILINE) for log in logs]
   assert all(results), logs
   assert [result.group(1) for result in results] == [expected, expected]
