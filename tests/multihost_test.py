@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,7 +189,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(synthetic_dir, tmp_p
 
 # Two processes meet in `distributed.initialize`; then process 0 arrives 35 s
 # late at a device group's first use (gloo gives up connecting a group after
-# 30 s) or at a barrier; process 1 must wait for it and both go on.
+# 30 s) or with work the others wait for; process 1 must wait and both go on.
 _LATE_PROCESS = """
 import sys, time
 import jax, numpy as np
@@ -210,8 +211,7 @@ if group == 'every device':  # the train step's gradient sum
 elif group == 'one device per process':  # multihost_utils, Orbax
   result = multihost_utils.process_allgather(np.int32(jax.process_index())).tolist()
 else:  # the others while process 0 prepares the data
-  distributed.barrier('late', timeout_s=600)
-  result = 'passed'
+  result = distributed.process_0_first(lambda: 'passed', 'the late work', timeout_s=600)
 print('result', result, 'waited', time.monotonic() - start, flush=True)
 """
 LATE_S = 35
@@ -220,7 +220,7 @@ LATE_S = 35
 @pytest.mark.parametrize('group, expected', [
     ('every device', '[10.0, 10.0, 10.0]'),  # 2 rows of 1 and 2 rows of 2, squared and summed
     ('one device per process', '[0, 1]'),
-    ('barrier', 'passed')])
+    ('process 0 first', 'passed')])
 def test_a_process_may_arrive_late(group, expected, tmp_path):
   port = str(_free_port())
   commands = [[sys.executable, '-c', _LATE_PROCESS, port, str(i), group, str(LATE_S)]
@@ -233,6 +233,28 @@ def test_a_process_may_arrive_late(group, expected, tmp_path):
   assert [result.group(1) for result in results] == [expected, expected]
   waited = [float(result.group(2)) for result in results]
   assert waited[1] > LATE_S - 5 > waited[0], waited  # process 1 was held for process 0
+
+
+def test_bad_data_stops_every_process_with_one_line(synthetic_dir, tmp_path):
+  bad_dir = tmp_path / 'frames'
+  shutil.copytree(synthetic_dir, bad_dir)
+  (bad_dir / 'CameraMask' / '000003.png').unlink()
+  with _started(bad_dir, tmp_path / 'bad', num_processes=2, devices_per_process=2) as (
+      processes, log_paths):
+    deadline = time.monotonic() + 120
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    codes = [p.poll() for p in processes]
+    logs = [path.read_text() for path in log_paths]
+  assert codes == [1, 1], logs
+  problem = 'CameraRGB/000003.png: image without a mask (CameraMask/000003.png is missing)'
+  errors_0 = [line for line in logs[0].splitlines() if line.startswith('error:')]
+  errors_1 = [line for line in logs[1].splitlines() if line.startswith('error:')]
+  assert len(errors_0) == len(errors_1) == 1, logs
+  assert problem in errors_0[0]
+  assert errors_1[0].startswith('error: process 0 failed at preparing the frames: ')
+  assert problem in errors_1[0]
+  assert 'Traceback' not in logs[0] + logs[1]
 
 
 def test_auto_mode_starts_only_when_the_environment_names_a_cluster():

@@ -9,19 +9,24 @@ It must run before anything touches a JAX device: the runtime has to know the
 other processes before the backends start.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import itertools
 import os
+from typing import TypeVar
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from unet_jax import errors
+
 MODES = ('auto', 'on', 'off')
 # How long the other processes wait for process 0 to prepare a dataset.
 PREPARATION_TIMEOUT_S = 6 * 3600
-_barrier_numbers = itertools.count()
+_DONE = 'done'
+_outcome_numbers = itertools.count()
+T = TypeVar('T')
 # What JAX's SLURM detection reads (jax._src.clusters.slurm_cluster).
 _SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
                          'SLURM_LOCALID')
@@ -117,16 +122,33 @@ def connect_collectives() -> None:
   multihost_utils.sync_global_devices('unet_jax.distributed: every process connected')
 
 
-def barrier(name: str, timeout_s: float) -> None:
-  """Holds each process here until every process has arrived, for up to `timeout_s`.
+def process_0_first(work: Callable[[], T], name: str,
+                    timeout_s: float = PREPARATION_TIMEOUT_S) -> T:
+  """Runs `work` on process 0, then, once it has succeeded there, on the others.
 
-  Through the runtime's key-value store rather than the devices: a wait of
-  any length (the others while process 0 prepares the data) costs no device
-  work and meets none of the device groups' time limits. Every process must
-  pass the same barriers in the same order.
+  Shared folders are then written once (the others find the result); on
+  host-local disks every process does the same deterministic work itself.
+  The others wait for process 0's outcome in the runtime's key-value store,
+  not on the devices: a wait of any length meets none of the device groups'
+  time limits. When `work` fails on process 0 the others stop too, with one
+  line that gives process 0's error. Every process must call this the same
+  number of times in the same order.
   """
   if jax.process_count() == 1:
-    return
+    return work()
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  wait = ocp.multihost.get_barrier_sync_fn()
-  wait(key=f'unet_jax.{name}.{next(_barrier_numbers)}', timeout_ms=int(timeout_s * 1000))
+  client = ocp.multihost.get_jax_distributed_client()
+  key = f'unet_jax/process_0_first/{name.replace(" ", "_")}/{next(_outcome_numbers)}'
+  if jax.process_index() == 0:
+    try:
+      result = work()
+    except Exception as error:
+      lines = str(error).strip().splitlines()
+      client.key_value_set(key, lines[0] if lines else type(error).__name__)
+      raise
+    client.key_value_set(key, _DONE)
+    return result
+  outcome = str(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+  if outcome != _DONE:
+    raise errors.UserError(f'process 0 failed at {name}: {outcome}')
+  return work()

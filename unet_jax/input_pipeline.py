@@ -383,21 +383,6 @@ def write_synthetic_scenes(data_dir: pathlib.Path, num_scenes: int, seed: int) -
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def _in_process_order(work: Callable[[], object]) -> object:
-  """Runs `work` on process 0 first, then on the others.
-
-  Shared folders are then written once (the others find the result); on
-  host-local disks every process does the same deterministic work itself.
-  """
-  if jax.process_count() == 1:
-    return work()
-  result = work() if jax.process_index() == 0 else None
-  distributed.barrier('input_pipeline.process_0_done', distributed.PREPARATION_TIMEOUT_S)
-  if jax.process_index() != 0:
-    result = work()
-  return result
-
-
 def _cache_megabytes(num_examples: int, image_size) -> float:
   return num_examples * image_size[0] * image_size[1] * 4 / 2**20  # uint8 RGB + label
 
@@ -409,13 +394,15 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
   image_size = tuple(int(n) for n in data.image_size)
   label_size = models.label_size(config.model, image_size)
   if data.synthetic_scenes > 0 and not _has_frames(data_dir):
-    _in_process_order(lambda: write_synthetic_scenes(data_dir, data.synthetic_scenes,
-                                                     config.seed))
-  builder = _in_process_order(lambda: carla_dataset.prepare(
+    distributed.process_0_first(
+        lambda: write_synthetic_scenes(data_dir, data.synthetic_scenes, config.seed),
+        'writing the synthetic scenes')
+  builder = distributed.process_0_first(lambda: carla_dataset.prepare(
       data_dir, prepared_dir=data.prepared_dir, split_key=data.split_key,
       validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
       validation_groups=tuple(data.get('validation_groups', ())),
-      skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes))
+      skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes),
+      'preparing the frames')
   sizes = carla_dataset.split_sizes(builder)
   train_splits = tuple(data.get('train_splits', ('train',)))  # checked by config_checks
   if data.device_cache not in ('auto', 'always', 'never'):
@@ -455,10 +442,10 @@ def folder_dataset(config, mesh: jax.sharding.Mesh, data_dir,
   data = config.data
   image_size = tuple(int(n) for n in data.image_size)
   label_size = models.label_size(config.model, image_size)
-  builder = _in_process_order(lambda: carla_dataset.prepare(
+  builder = distributed.process_0_first(lambda: carla_dataset.prepare(
       data_dir, prepared_dir=prepared_dir, split_key='name', validation_fraction=0.0,
       test_fraction=0.0, skip_bad_pairs=data.skip_bad_pairs,
-      num_classes=config.model.num_classes))
+      num_classes=config.model.num_classes), 'preparing the frames')
   num_examples = carla_dataset.split_sizes(builder)['train']
   device_cache = (data.device_cache == 'always' or data.device_cache == 'auto' and
                   _cache_megabytes(num_examples, image_size) <= data.device_cache_max_mb)
