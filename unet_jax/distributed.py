@@ -1,4 +1,5 @@
-"""Multi-process start-up through JAX's own runtime (`jax.distributed`).
+"""Multi-process start-up through JAX's own runtime (`jax.distributed`), and
+the waits between processes that must not fail when one is late.
 
 Every process runs the same command. The coordinator address, the number of
 processes and this process's id come from the arguments, or from the
