@@ -6,7 +6,8 @@ with 4 devices trains the same config on the same data. Both must end with
 the same parameters and evaluation metrics, and the two-process checkpoint
 must restore in a single process. SIGTERM to one process stops both at the
 same step with a checkpoint. A process may arrive 35 s after the other at
-a device group's first use or at a barrier. Every process runs in its own
+a device group's first use or with work the other waits for, and bad frames
+stop both processes with one line each. Every process runs in its own
 session and is killed with its group whatever the outcome, so none outlives
 the test.
 """

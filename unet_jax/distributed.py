@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from unet_jax import errors
+from unet_jax import sharding
 
 MODES = ('auto', 'on', 'off')
 # How long the other processes wait for process 0 to prepare a dataset.
@@ -111,12 +112,10 @@ def connect_collectives() -> None:
   """
   if jax.process_count() == 1:
     return
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('all',))
-  spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('all'))
-  ones = jax.make_array_from_callback((jax.device_count(),), spread,
+  mesh = sharding.create_mesh()
+  ones = jax.make_array_from_callback((jax.device_count(),), sharding.data_sharded(mesh),
                                       lambda index: np.ones((1,), np.int32))
-  total = jax.jit(lambda x: x.sum(),
-                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  total = jax.jit(lambda x: x.sum(), out_shardings=sharding.replicated(mesh))
   count = int(np.asarray(total(ones).addressable_data(0)))
   if count != jax.device_count():
     raise RuntimeError(f'a sum over the {jax.device_count()} devices gave {count}')
