@@ -143,6 +143,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # statistics) with this decay, lower over the first steps (train.ema_decay_at);
   # evaluation, the best checkpoint, predict and export use the average.
   config.ema_decay = 0.0
+  # Start from another run's model instead of fresh (or ImageNet) weights:
+  # the workdir whose checkpoint init_checkpoint ('best', 'latest' or a step)
+  # gives the parameters and batch-norm statistics (its weight average if it
+  # kept one); the optimizer, schedule and step start afresh. The model
+  # settings must be the same; image and crop sizes may differ (a fine-tune
+  # at a higher resolution). '' is off. A resumed run reads its own checkpoints.
+  config.init_from = ''
+  config.init_checkpoint = 'latest'
 
   # ---- loop ----
   config.log_every_steps = 10

@@ -244,22 +244,50 @@ def restore_model(workdir: str, checkpoint: str = 'best', sharding=None,
   return config, dict(variables), step
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a completed checkpoint (Orbax's temporary
+  folders of unfinished ones are not named by a bare step)."""
+  folder = pathlib.Path(workdir) / CHECKPOINT_DIR
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 def check_resumable(workdir: str, config) -> None:
   """Before any data work: a workdir with checkpoints has a readable config.json
   of the same model (see `check_same_model`)."""
-  folder = pathlib.Path(workdir) / CHECKPOINT_DIR
-  if (pathlib.Path(workdir) / CONFIG_FILE).exists() and folder.is_dir() and any(
-      p.name.isdigit() for p in folder.iterdir()):
+  if (pathlib.Path(workdir) / CONFIG_FILE).exists() and has_checkpoints(workdir):
     check_same_model(load_config(workdir), config, workdir)
 
 
-def check_same_model(saved, config, workdir: str) -> None:
+def model_differences(saved, config) -> list[str]:
+  """The `model` fields in which `config` differs from a workdir's `saved` config."""
   differences = []
   for key, value in config.model.items():
     # Fields added since a workdir was written hold their defaults there.
     before = saved.model.get(key, ADDED_MODEL_FIELDS.get(key))
     if _plain(before) != _plain(value):
       differences.append(f'model.{key}: checkpoint {before!r}, config {value!r}')
+  return differences
+
+
+def check_init_from(config) -> None:
+  """Before any data work: `config.init_from` is a workdir with checkpoints of
+  the same model (image and crop sizes may differ: the network is fully
+  convolutional)."""
+  source = config.init_from
+  try:
+    saved = load_config(source)
+  except WorkdirError as error:
+    raise WorkdirError(f'config.init_from: {error}') from error
+  if not has_checkpoints(source):
+    raise WorkdirError(f'config.init_from: {source} holds no checkpoint')
+  differences = model_differences(saved, config)
+  if differences:
+    raise WorkdirError(f'config.init_from: {source} holds a different model; the model '
+                       f'settings must be the same. Differences: {"; ".join(differences)}')
+
+
+def check_same_model(saved, config, workdir: str) -> None:
+  differences = model_differences(saved, config)
   averaged = (saved.get('ema_decay', 0.0) > 0, config.get('ema_decay', 0.0) > 0)
   if averaged[0] != averaged[1]:
     differences.append(f'ema_decay: checkpoint {saved.get("ema_decay", 0.0)}, config '

@@ -160,6 +160,10 @@ RULES: dict[str, Rule] = {
     'lovasz_weight': number(0),
     'ema_decay': number(0, 1, high_open=True),
     'encoder_learning_rate_multiplier': number(0),
+    'init_from': string(),
+    'init_checkpoint': (lambda v: isinstance(v, str) and (v in ('best', 'latest') or
+                                                           (v.isascii() and v.isdigit())),
+                        "'best', 'latest' or a step"),
     # ---- loop ----
     'log_every_steps': integer(1),
     'eval_every_epochs': integer(1),

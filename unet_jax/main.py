@@ -61,7 +61,8 @@ def config_summary(config) -> str:
           f'{f" (training crops {crop[0]}x{crop[1]})" if crop else ""} on '
           f'{config.data.data_dir}; batch {config.batch_size}, {config.num_epochs} epochs, '
           f'{config.optimizer} {config.learning_rate:g} {config.lr_schedule}, class weights '
-          f'{config.class_weighting}')
+          f'{config.class_weighting}'
+          f'{f"; starting from the model of {config.init_from}" if config.init_from else ""}')
 
 
 def main(argv):

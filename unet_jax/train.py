@@ -146,6 +146,19 @@ def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
   return jax.jit(lambda v: create(variables=v), out_shardings=sharding.replicated(mesh))(variables)
 
 
+def create_state_from_run(config, model, learning_rate_fn, mesh) -> TrainState:
+  """A fresh state whose model variables are those of `config.init_from`'s
+  checkpoint `config.init_checkpoint` (see `checkpointing.restore_model`):
+  step 0, a new optimizer state and, with `ema_decay`, an average starting
+  from them."""
+  _, variables, step = checkpointing.restore_model(
+      config.init_from, str(config.init_checkpoint), sharding=sharding.replicated(mesh))
+  logging.info('Starting from the model of %s at step %d (new optimizer and schedule).',
+               config.init_from, step)
+  create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
+  return jax.jit(lambda v: create(variables=v), out_shardings=sharding.replicated(mesh))(variables)
+
+
 def initial_keys(seed: int):
   """(parameter-initialisation key, dropout base key) for a seed.
 
@@ -332,6 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_checks.check_config(config, num_devices=jax.device_count())
   checkpointing.check_workdir(workdir)
   checkpointing.check_resumable(workdir, config)
+  resuming = checkpointing.has_checkpoints(workdir)
+  if config.init_from and not resuming:
+    checkpointing.check_init_from(config)
   mesh = sharding.create_mesh()
   datasets = input_pipeline.create_datasets(config, mesh)
   train_data = datasets['train']
@@ -349,9 +365,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_key, _ = initial_keys(config.seed)
   checkpoints = checkpointing.create_manager(workdir, config)
-  # A resumed run takes every array from its checkpoint: no pretrained weights to read.
-  state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh,
-                                        load_pretrained=checkpoints.latest_step() is None)
+  # A resumed run takes every array from its checkpoint: no pretrained weights
+  # and no init_from model to read.
+  fresh = checkpoints.latest_step() is None
+  if fresh and config.init_from:
+    state = create_state_from_run(config, model, learning_rate_fn, mesh)
+  else:
+    state = create_replicated_train_state(config, model, learning_rate_fn, init_key, mesh,
+                                          load_pretrained=fresh)
   state = checkpointing.restore_or_keep(checkpoints, state, config, workdir)
   checkpointing.save_config(workdir, config)
   start_step = int(state.step)
