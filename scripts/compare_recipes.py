@@ -9,7 +9,9 @@ named config file plus overrides of its own, separated by ';':
     --recipe='carla-unweighted=configs/carla.py;class_weighting=none'
 
 `--set key=value` applies to every recipe (values are Python literals where
-they parse as one). Each (recipe, seed) trains in `<workdir>/<recipe>/seed<k>`
+they parse as one). `{seed}` in an override is the run's seed: with
+`init_from=runs/base/carla_pretrained/seed{seed}` each seed fine-tunes the
+model of the same seed (README, Training). Each (recipe, seed) trains in `<workdir>/<recipe>/seed<k>`
 with `unet_jax.train.train_and_evaluate` and leaves its figures in
 `result.json` there: an interrupted comparison resumes where it stopped, a
 finished run is not trained again, and several invocations on the same
@@ -159,10 +161,11 @@ def parse_recipes(config_specs, recipe_specs) -> dict[str, tuple[str, list[str]]
 
 
 def build_config(spec: str, overrides: list[str], seed: int, split: str):
-  """The config of one run: `overrides` applied in order (a later one wins)."""
+  """The config of one run: `overrides` applied in order (a later one wins),
+  `{seed}` in them replaced by `seed`."""
   config = load_config(spec)
   for assignment in overrides:
-    apply_override(config, assignment)
+    apply_override(config, assignment.replace('{seed}', str(seed)))
   config.seed = seed
   config.eval_split = split
   return config

@@ -41,6 +41,10 @@ def test_overrides_apply_in_order_and_the_seed_and_split_are_set():
   assert config.seed == 7 and config.eval_split == 'test'
   with pytest.raises(KeyError, match='no field model.nonexistent'):
     compare_recipes.build_config(CARLA, ['model.nonexistent=1'], seed=0, split='validation')
+  # {seed} is each run's own seed: a fine-tune starts from the model of its seed.
+  config = compare_recipes.build_config(CARLA, ['init_from=runs/base/seed{seed}'], seed=2,
+                                        split='validation')
+  assert config.init_from == 'runs/base/seed2'
 
 
 def test_a_finished_run_is_read_back_not_trained_again(tmp_path):
