@@ -11,8 +11,8 @@ named config file plus overrides of its own, separated by ';':
 `--set key=value` applies to every recipe (values are Python literals where
 they parse as one). `{seed}` in an override is the run's seed: with
 `init_from=runs/base/carla_pretrained/seed{seed}` each seed fine-tunes the
-model of the same seed (README, Training). Each (recipe, seed) trains in `<workdir>/<recipe>/seed<k>`
-with `unet_jax.train.train_and_evaluate` and leaves its figures in
+model of the same seed (README, Training). Each (recipe, seed) trains in
+`<workdir>/<recipe>/seed<k>` with `unet_jax.train.train_and_evaluate` and leaves its figures in
 `result.json` there: an interrupted comparison resumes where it stopped, a
 finished run is not trained again, and several invocations on the same
 workdir (one per recipe, say, sharing one GPU) can run at the same time. The

@@ -47,7 +47,12 @@ def tiny_config(data_dir, **overrides):
   config.log_every_steps = 2
   config.checkpoint_every_steps = 3
   config.model.dropout_rate = 0.3
-  for key, value in overrides.items():
+  return override(config, overrides)
+
+
+def override(config, values: dict):
+  """`config` with each dotted field of `values` ('data.image_size': ...) set."""
+  for key, value in values.items():
     target = config
     *parents, leaf = key.split('.')
     for parent in parents:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import saved_params, trained_config
+from conftest import override, saved_params, trained_config
 from unet_jax import checkpointing
 from unet_jax import config_checks
 from unet_jax import models
@@ -22,17 +22,7 @@ def _fine_tune_config(trained, **overrides):
   """The trained model's config at 48x48 frames (it trained at 32x32), from its last checkpoint."""
   values = {'data.image_size': (48, 48), 'init_from': str(trained['workdir']),
             'num_epochs': 1, 'log_every_steps': 1, **overrides}
-  return _override(trained_config(trained['data_dir']), values)
-
-
-def _override(config, values):
-  for key, value in values.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return override(trained_config(trained['data_dir']), values)
 
 
 def test_the_state_starts_from_the_other_runs_weights_with_a_new_optimizer(trained):
@@ -52,7 +42,7 @@ def test_the_state_starts_from_the_other_runs_weights_with_a_new_optimizer(train
   np.testing.assert_array_equal(_flat(state.opt_state), _flat(fresh.opt_state))
   # init_checkpoint picks an earlier step: other weights.
   steps = checkpointing.create_manager(str(trained['workdir']), config, read_only=True).all_steps()
-  earlier = _override(_fine_tune_config(trained), {'init_checkpoint': str(min(steps))})
+  earlier = override(_fine_tune_config(trained), {'init_checkpoint': str(min(steps))})
   assert min(steps) < source_step
   state = train.create_state_from_run(earlier, model, train.create_learning_rate_fn(config, 3),
                                       mesh)
@@ -69,7 +59,7 @@ def test_a_fine_tune_trains_at_its_own_size_and_resumes_from_its_own_checkpoints
   saved = checkpointing.load_config(str(tmp_path / 'straight'))
   assert saved.init_from == str(source) and tuple(saved.data.image_size) == (48, 48)
   # It trained from the source's weights: it ends nearer to them than a fresh run does.
-  fresh = _override(trained_config(trained['data_dir']), {'data.image_size': (48, 48),
+  fresh = override(trained_config(trained['data_dir']), {'data.image_size': (48, 48),
                                                           'num_epochs': 2})
   train.train_and_evaluate(fresh, str(tmp_path / 'fresh'))
   start = saved_params(source)[1]

@@ -142,6 +142,11 @@ def create_replicated_train_state(config, model, learning_rate_fn, key, mesh, *,
       x.shape, sharding.replicated(mesh), lambda index: x[index]), weights)
   variables = pretrained.merge_encoder(variables, weights,
                                        source=str(pretrained.weights_path(variant)))
+  return _state_from_variables(config, model, learning_rate_fn, mesh, variables)
+
+
+def _state_from_variables(config, model, learning_rate_fn, mesh, variables) -> TrainState:
+  """A fresh optimizer state around given (replicated) model variables, replicated."""
   create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
   return jax.jit(lambda v: create(variables=v), out_shardings=sharding.replicated(mesh))(variables)
 
@@ -155,8 +160,7 @@ def create_state_from_run(config, model, learning_rate_fn, mesh) -> TrainState:
       config.init_from, str(config.init_checkpoint), sharding=sharding.replicated(mesh))
   logging.info('Starting from the model of %s at step %d (new optimizer and schedule).',
                config.init_from, step)
-  create = functools.partial(create_train_state, config, model, learning_rate_fn, None)
-  return jax.jit(lambda v: create(variables=v), out_shardings=sharding.replicated(mesh))(variables)
+  return _state_from_variables(config, model, learning_rate_fn, mesh, variables)
 
 
 def initial_keys(seed: int):
@@ -345,8 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_checks.check_config(config, num_devices=jax.device_count())
   checkpointing.check_workdir(workdir)
   checkpointing.check_resumable(workdir, config)
-  resuming = checkpointing.has_checkpoints(workdir)
-  if config.init_from and not resuming:
+  if config.init_from and not checkpointing.has_checkpoints(workdir):
     checkpointing.check_init_from(config)
   mesh = sharding.create_mesh()
   datasets = input_pipeline.create_datasets(config, mesh)
