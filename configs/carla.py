@@ -139,6 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.class_weight_max = 5.0  # cap on a single class weight
   # Weight of a Lovasz-softmax term added to the cross-entropy (unet_jax.losses); 0 is off.
   config.lovasz_weight = 0.0
+  # < 1: the cross-entropy counts only this share of each batch's pixels,
+  # those of largest (weighted) loss (hard-pixel mining); 1 is off.
+  config.hard_pixel_fraction = 1.0
   # > 0: keep an exponential moving average of the weights (and batch-norm
   # statistics) with this decay, lower over the first steps (train.ema_decay_at);
   # evaluation, the best checkpoint, predict and export use the average.

@@ -46,6 +46,55 @@ def test_class_weights_give_the_weighted_mean():
   assert float(loss_sum / weight_sum) == pytest.approx((w * per_pixel).sum() / w.sum(), rel=1e-5)
 
 
+def test_hard_pixel_mining_keeps_the_pixels_of_largest_weighted_loss():
+  # Four pixels of two classes, class weights [1, 3]. Per-pixel cross-entropy
+  # of two logits [a, b]: log(1 + exp(other - own)).
+  logits = np.array([[[[2.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]]], np.float32)
+  labels = np.array([[[0, 0, 1, 1]]])
+  ce = np.log1p(np.exp([-2.0, 0.0, -1.0, 1.0]))  # 0.127, 0.693, 0.313, 1.313
+  w = np.array([1.0, 1.0, 3.0, 3.0])  # weighted: 0.127, 0.693, 0.940, 3.940
+  weights = np.array([1.0, 3.0], np.float32)
+
+  def mean(**kwargs):
+    loss_sum, weight_sum = losses.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                                   class_weights=weights, **kwargs)
+    return float(loss_sum / weight_sum), float(weight_sum)
+
+  # half of 4 pixels: the two of largest w * ce, pixels 3 and 2
+  assert mean(hard_fraction=0.5) == (pytest.approx((3 * ce[2] + 3 * ce[3]) / 6, rel=1e-5), 6.0)
+  # 0.6 of 4 is 2.4: three pixels, 3, 2 and 1 (pixel 1 outranks pixel 2 without weights)
+  three = (ce[1] + 3 * ce[2] + 3 * ce[3]) / 7
+  assert mean(hard_fraction=0.6) == (pytest.approx(three, rel=1e-5), 7.0)
+  assert mean(hard_fraction=1.0) == (pytest.approx((w * ce).sum() / w.sum(), rel=1e-5), 8.0)
+  # an unscored pixel is never kept, even when fewer than k pixels are scored
+  ignored = labels.copy()
+  ignored[0, 0, 3] = 255
+  loss_sum, weight_sum = losses.segmentation_loss(jnp.asarray(logits), jnp.asarray(ignored),
+                                                 ignore_label=255, class_weights=weights,
+                                                 hard_fraction=0.25)
+  assert float(weight_sum) == 3.0 and float(loss_sum) == pytest.approx(3 * ce[2], rel=1e-5)
+  loss_sum, weight_sum = losses.segmentation_loss(jnp.asarray(logits), jnp.asarray(ignored),
+                                                 ignore_label=255, class_weights=weights,
+                                                 hard_fraction=1.0 - 1e-6)
+  assert float(weight_sum) == 5.0
+
+
+def test_hard_pixel_mining_gradient_reaches_only_the_kept_pixels():
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 4, 3)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 3, size=(2, 4, 4)))
+  per_pixel = _numpy_cross_entropy(np.asarray(logits), np.asarray(labels))
+  kept = per_pixel >= np.sort(per_pixel.ravel())[-8]  # the 8 hardest of 32
+
+  def mean(x):
+    loss_sum, weight_sum = losses.segmentation_loss(x, labels, hard_fraction=0.25)
+    return loss_sum / weight_sum
+
+  assert float(mean(logits)) == pytest.approx(per_pixel[kept].mean(), rel=1e-5)
+  grad = np.abs(np.asarray(jax.grad(mean)(logits))).sum(-1)
+  assert np.all(grad[kept] > 0) and np.all(grad[~kept] == 0)
+
+
 def test_class_weights_from_counts():
   counts = np.array([0, 900, 90, 10])
   inverse = losses.class_weights_from_counts(counts, 'inverse', max_weight=100.0)

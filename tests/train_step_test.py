@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import carla
+from unet_jax import config_checks
 from unet_jax import evaluation
 from unet_jax import losses
 from unet_jax import models
@@ -107,6 +108,25 @@ def test_lovasz_weight_adds_the_lovasz_term_to_the_loss():
   _, metrics = step(state, batch, jax.random.key(1))
   assert float(metrics['loss']) == pytest.approx(float(expected), rel=1e-5)
   assert float(metrics['loss']) > float(loss_sum / weight_sum) + 0.05
+
+
+def test_hard_pixel_fraction_limits_the_cross_entropy_to_the_hardest_pixels():
+  config = _tiny_config()
+  config.hard_pixel_fraction = 0.25
+  _, _, state, step = _setup(config)
+  batch = _batch(config)
+  logits, _ = state.apply_fn(train.model_variables(state), batch['image'], train=True,
+                             mutable=['batch_stats'])
+  hard = losses.segmentation_loss(logits, batch['label'], hard_fraction=0.25)
+  everything = losses.segmentation_loss(logits, batch['label'])
+  _, metrics = step(state, batch, jax.random.key(1))
+  assert float(metrics['loss']) == pytest.approx(float(hard[0] / hard[1]), rel=1e-5)
+  assert float(metrics['loss']) > float(everything[0] / everything[1]) + 0.01
+  assert float(hard[1]) == pytest.approx(0.25 * batch['label'].size, rel=0.01)
+  for bad in (0.0, 1.5):
+    config.hard_pixel_fraction = bad
+    with pytest.raises(config_checks.ConfigError, match=r'hard_pixel_fraction must be a finite number'):
+      config_checks.check_fields(config)
 
 
 def test_weight_average_follows_the_hand_computed_update():

@@ -158,6 +158,7 @@ RULES: dict[str, Rule] = {
     'class_weighting': one_of('none', 'inverse', 'median'),
     'class_weight_max': number(0, low_open=True),
     'lovasz_weight': number(0),
+    'hard_pixel_fraction': number(0, 1, low_open=True),
     'ema_decay': number(0, 1, high_open=True),
     'encoder_learning_rate_multiplier': number(0),
     'init_from': string(),

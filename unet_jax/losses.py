@@ -6,6 +6,8 @@ has valid=True. Class weights for the cross-entropy come from the training
 split's pixel counts (`class_weights_from_counts`).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +46,19 @@ def scored_pixels(labels, num_classes: int, *, valid=None, ignore_label: int = -
   return scored
 
 
-def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, class_weights=None):
+def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, class_weights=None,
+                      hard_fraction: float = 1.0):
   """Softmax cross-entropy averaged over valid pixels.
 
   Returns (sum of weighted per-pixel losses, sum of weights); the mean is
   their ratio. Pixels labelled `ignore_label`, outside [0, num_classes), or
   in an example with valid=False weigh nothing. With class weights the mean
   is the weighted mean sum(w * loss) / sum(w).
+
+  hard_fraction < 1 mines hard pixels: only the k = ceil(hard_fraction * n)
+  scored pixels of largest weighted loss w * loss count, n being the number
+  of label pixels in the batch (pixels tied with the k-th all count; fewer
+  than k when fewer are scored), as in bootstrapped cross-entropy.
   """
   in_range = scored_pixels(labels, logits.shape[-1], valid=valid, ignore_label=ignore_label)
   safe_labels = jnp.where(in_range, labels, 0)
@@ -59,6 +67,11 @@ def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, cla
   weights = in_range.astype(jnp.float32)
   if class_weights is not None:
     weights = weights * jnp.asarray(class_weights)[safe_labels]
+  if hard_fraction < 1.0:
+    weighted = jnp.where(in_range, per_pixel * weights, -1.0)  # losses are >= 0
+    k = max(1, math.ceil(hard_fraction * weighted.size))
+    kth = jax.lax.stop_gradient(jax.lax.top_k(weighted.reshape(-1), k)[0][-1])
+    weights = jnp.where(weighted >= kth, weights, 0.0)
   return jnp.sum(per_pixel * weights), jnp.sum(weights)
 
 

@@ -202,10 +202,11 @@ def update_ema(ema: dict, variables: dict, step, decay: float) -> dict:
 
 def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int,
                class_weights, learning_rate_fn, lovasz_weight: float = 0.0,
-               ema_decay: float = 0.0):
+               ema_decay: float = 0.0, hard_pixel_fraction: float = 1.0):
   """One optimisation step; returns the new state and summable metrics.
 
-  The loss is the (class-weighted) cross-entropy, plus lovasz_weight times
+  The loss is the (class-weighted) cross-entropy, over the hardest
+  hard_pixel_fraction of the pixels when that is < 1, plus lovasz_weight times
   the Lovasz-softmax loss when that is > 0. With ema_decay > 0 the state's
   moving average of the variables follows the new ones (`update_ema`).
   """
@@ -222,7 +223,8 @@ def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int
                                      rngs={'dropout': key}, mutable=mutable)
     loss_sum, weight_sum = losses.segmentation_loss(logits, labels, valid=batch['valid'],
                                                     ignore_label=ignore_label,
-                                                    class_weights=class_weights)
+                                                    class_weights=class_weights,
+                                                    hard_fraction=hard_pixel_fraction)
     loss = loss_sum / jnp.maximum(weight_sum, 1e-12)
     if lovasz_weight:
       loss += lovasz_weight * losses.lovasz_softmax(logits, labels, valid=batch['valid'],
@@ -288,7 +290,8 @@ def compile_train_step(config, mesh, learning_rate_fn, class_weights):
   step = functools.partial(checked_train_step, ignore_label=config.ignore_label,
                            class_weights=class_weights, learning_rate_fn=learning_rate_fn,
                            lovasz_weight=float(config.lovasz_weight),
-                           ema_decay=float(config.get('ema_decay', 0.0)))
+                           ema_decay=float(config.get('ema_decay', 0.0)),
+                           hard_pixel_fraction=float(config.get('hard_pixel_fraction', 1.0)))
   replicated, batch = sharding.replicated(mesh), sharding.data_sharded(mesh)
   return jax.jit(step, in_shardings=(replicated, batch, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
