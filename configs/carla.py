@@ -140,7 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Weight of a Lovasz-softmax term added to the cross-entropy (unet_jax.losses); 0 is off.
   config.lovasz_weight = 0.0
   # < 1: the cross-entropy counts only this share of each batch's pixels,
-  # those of largest (weighted) loss (hard-pixel mining); 1 is off.
+  # those of largest loss, before class weights (hard-pixel mining); 1 is off.
   config.hard_pixel_fraction = 1.0
   # > 0: keep an exponential moving average of the weights (and batch-norm
   # statistics) with this decay, lower over the first steps (train.ema_decay_at);

@@ -46,13 +46,13 @@ def test_class_weights_give_the_weighted_mean():
   assert float(loss_sum / weight_sum) == pytest.approx((w * per_pixel).sum() / w.sum(), rel=1e-5)
 
 
-def test_hard_pixel_mining_keeps_the_pixels_of_largest_weighted_loss():
+def test_hard_pixel_mining_keeps_the_pixels_of_largest_loss_then_weighs_them():
   # Four pixels of two classes, class weights [1, 3]. Per-pixel cross-entropy
   # of two logits [a, b]: log(1 + exp(other - own)).
   logits = np.array([[[[2.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]]], np.float32)
   labels = np.array([[[0, 0, 1, 1]]])
   ce = np.log1p(np.exp([-2.0, 0.0, -1.0, 1.0]))  # 0.127, 0.693, 0.313, 1.313
-  w = np.array([1.0, 1.0, 3.0, 3.0])  # weighted: 0.127, 0.693, 0.940, 3.940
+  w = np.array([1.0, 1.0, 3.0, 3.0])
   weights = np.array([1.0, 3.0], np.float32)
 
   def mean(**kwargs):
@@ -60,9 +60,10 @@ def test_hard_pixel_mining_keeps_the_pixels_of_largest_weighted_loss():
                                                    class_weights=weights, **kwargs)
     return float(loss_sum / weight_sum), float(weight_sum)
 
-  # half of 4 pixels: the two of largest w * ce, pixels 3 and 2
-  assert mean(hard_fraction=0.5) == (pytest.approx((3 * ce[2] + 3 * ce[3]) / 6, rel=1e-5), 6.0)
-  # 0.6 of 4 is 2.4: three pixels, 3, 2 and 1 (pixel 1 outranks pixel 2 without weights)
+  # half of 4 pixels: the two of largest loss, pixels 3 and 1 (pixel 2's weighted
+  # loss, 0.940, is larger than pixel 1's, but the ranking is before the weights)
+  assert mean(hard_fraction=0.5) == (pytest.approx((ce[1] + 3 * ce[3]) / 4, rel=1e-5), 4.0)
+  # 0.6 of 4 is 2.4: three pixels, 3, 1 and 2
   three = (ce[1] + 3 * ce[2] + 3 * ce[3]) / 7
   assert mean(hard_fraction=0.6) == (pytest.approx(three, rel=1e-5), 7.0)
   assert mean(hard_fraction=1.0) == (pytest.approx((w * ce).sum() / w.sum(), rel=1e-5), 8.0)
@@ -72,7 +73,7 @@ def test_hard_pixel_mining_keeps_the_pixels_of_largest_weighted_loss():
   loss_sum, weight_sum = losses.segmentation_loss(jnp.asarray(logits), jnp.asarray(ignored),
                                                  ignore_label=255, class_weights=weights,
                                                  hard_fraction=0.25)
-  assert float(weight_sum) == 3.0 and float(loss_sum) == pytest.approx(3 * ce[2], rel=1e-5)
+  assert float(weight_sum) == 1.0 and float(loss_sum) == pytest.approx(ce[1], rel=1e-5)
   loss_sum, weight_sum = losses.segmentation_loss(jnp.asarray(logits), jnp.asarray(ignored),
                                                  ignore_label=255, class_weights=weights,
                                                  hard_fraction=1.0 - 1e-6)

@@ -55,10 +55,12 @@ def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, cla
   in an example with valid=False weigh nothing. With class weights the mean
   is the weighted mean sum(w * loss) / sum(w).
 
-  hard_fraction < 1 mines hard pixels: only the k = ceil(hard_fraction * n)
-  scored pixels of largest weighted loss w * loss count, n being the number
-  of label pixels in the batch (pixels tied with the k-th all count; fewer
-  than k when fewer are scored), as in bootstrapped cross-entropy.
+  hard_fraction < 1 mines hard pixels (bootstrapped cross-entropy): only
+  the k = ceil(hard_fraction * n) scored pixels of largest loss count, n
+  being the number of label pixels in the batch (pixels tied with the k-th
+  all count; fewer than k when fewer are scored). They are ranked by their
+  loss before the class weights, which then weigh the kept pixels: ranked
+  after weighting, a frequent class (a weight of 0.01) would never be kept.
   """
   in_range = scored_pixels(labels, logits.shape[-1], valid=valid, ignore_label=ignore_label)
   safe_labels = jnp.where(in_range, labels, 0)
@@ -68,10 +70,10 @@ def segmentation_loss(logits, labels, *, valid=None, ignore_label: int = -1, cla
   if class_weights is not None:
     weights = weights * jnp.asarray(class_weights)[safe_labels]
   if hard_fraction < 1.0:
-    weighted = jnp.where(in_range, per_pixel * weights, -1.0)  # losses are >= 0
-    k = max(1, math.ceil(hard_fraction * weighted.size))
-    kth = jax.lax.stop_gradient(jax.lax.top_k(weighted.reshape(-1), k)[0][-1])
-    weights = jnp.where(weighted >= kth, weights, 0.0)
+    hardness = jax.lax.stop_gradient(jnp.where(in_range, per_pixel, -1.0))  # losses are >= 0
+    k = max(1, math.ceil(hard_fraction * hardness.size))
+    kth = jax.lax.top_k(hardness.reshape(-1), k)[0][-1]
+    weights = jnp.where(hardness >= kth, weights, 0.0)
   return jnp.sum(per_pixel * weights), jnp.sum(weights)
 
 
