@@ -125,7 +125,8 @@ def test_hard_pixel_fraction_limits_the_cross_entropy_to_the_hardest_pixels():
   assert float(hard[1]) == pytest.approx(0.25 * batch['label'].size, rel=0.01)
   for bad in (0.0, 1.5):
     config.hard_pixel_fraction = bad
-    with pytest.raises(config_checks.ConfigError, match=r'hard_pixel_fraction must be a finite number'):
+    with pytest.raises(config_checks.ConfigError,
+                       match=r'hard_pixel_fraction must be a finite number'):
       config_checks.check_fields(config)
 
 
