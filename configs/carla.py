@@ -57,12 +57,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # EfficientNet encoders only: ImageNet weights for the encoder (the `pretrained`
   # extra), decoder widths at strides 16..1, encoder batch norm frozen,
   # stochastic depth of the encoder's residual blocks in training, channels of
-  # the image-level context at stride 32 (models.GlobalContext; 0 for none).
+  # the image-level context at stride 32 (models.GlobalContext; 0 for none),
+  # deep supervision: > 0 adds classifiers at decoder strides 2, 4 and 8 whose
+  # cross-entropy joins the loss with this weight at stride 2, halved at each
+  # coarser stride (0 for none; training only, the predictions unchanged).
   config.model.pretrained = False
   config.model.decoder_filters = (256, 128, 64, 32, 16)
   config.model.frozen_encoder_batch_norm = False
   config.model.encoder_drop_path_rate = 0.0
   config.model.global_context_filters = 0
+  config.model.deep_supervision = 0.0
 
   # ---- data (unet_jax.input_pipeline) ----
   config.data = ml_collections.ConfigDict()

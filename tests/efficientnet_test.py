@@ -338,3 +338,40 @@ def test_global_context_is_off_for_old_configs_and_by_default():
   assert model.global_context_filters == 0
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert 'context' not in variables['params']
+
+
+def test_deep_supervision_adds_classifiers_that_run_only_in_training():
+  x = jax.random.uniform(jax.random.key(3), (2, 64, 96, 3))
+  model = models.unet_from_config(_model_config(decoder_filters=(8, 8, 8, 8, 8),
+                                                deep_supervision=0.5))
+  plain = models.unet_from_config(_model_config(decoder_filters=(8, 8, 8, 8, 8)))
+  variables = model.init(jax.random.key(0), x)
+  heads = {stride: models.aux_head_name(stride) for stride in models.AUX_STRIDES}
+  assert models.AUX_STRIDES == (2, 4, 8)
+  for name in heads.values():
+    assert variables['params'][name]['kernel'].shape == (1, 1, 8, 23)
+  assert set(plain.init(jax.random.key(0), x)['params']).isdisjoint(heads.values())
+  # Inference: the same logits as the network without the heads, and nothing sown.
+  without = {**variables, 'params': {k: v for k, v in variables['params'].items()
+                                     if k not in heads.values()}}
+  logits, state = model.apply(variables, x, mutable=['intermediates'])
+  np.testing.assert_array_equal(logits, plain.apply(without, x))
+  assert not state.get('intermediates')
+  # Training: one set of logits per stride at that stride's size, from that head.
+  _, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'])
+  for stride, name in heads.items():
+    aux, = state['intermediates'][models.aux_logits_name(stride)]
+    assert aux.shape == (2, 64 // stride, 96 // stride, 23)
+    moved = jax.tree.map(lambda a: a, variables)
+    moved['params'][name]['bias'] = moved['params'][name]['bias'] + 1.0
+    _, moved_state = model.apply(moved, x, train=True, mutable=['batch_stats', 'intermediates'])
+    for other in models.AUX_STRIDES:
+      shift = (moved_state['intermediates'][models.aux_logits_name(other)][0] -
+               state['intermediates'][models.aux_logits_name(other)][0])
+      np.testing.assert_allclose(shift, 1.0 if other == stride else 0.0, atol=1e-5)
+
+
+def test_deep_supervision_is_off_for_old_configs():
+  old = _model_config()
+  del old['deep_supervision']
+  assert not models.unet_from_config(old).deep_supervision

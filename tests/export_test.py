@@ -87,6 +87,7 @@ def test_size_rule_lists_exactly_the_valid_sizes():
 # Every config as it is, and the options that add operators of their own.
 EXPORT_CASES = [(name, {}) for name in CONFIG_NAMES] + [
     ('carla_pretrained', {'model.global_context_filters': 4}),  # frame average, broadcast
+    ('carla_pretrained', {'model.deep_supervision': 0.5}),  # parameters the graph leaves out
 ]
 
 

@@ -130,6 +130,55 @@ def test_hard_pixel_fraction_limits_the_cross_entropy_to_the_hardest_pixels():
       config_checks.check_fields(config)
 
 
+def _log_softmax_cross_entropy(logits, labels, weights):
+  """Class-weighted cross-entropy averaged over the pixels' weights, in numpy."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_p, np.asarray(labels)[..., None], -1)[..., 0]
+  pixel_weights = np.asarray(weights)[np.asarray(labels)]
+  return float(-(picked * pixel_weights).sum() / pixel_weights.sum())
+
+
+def test_deep_supervision_adds_each_coarser_cross_entropy_at_half_the_weight():
+  from configs import carla_pretrained  # pylint: disable=g-import-not-at-top
+  config = carla_pretrained.get_config('smoke')  # 64x64 frames, decoder 8 wide
+  config.model.update(pretrained=False, num_classes=5, deep_supervision=0.4)
+  config.data.image_size = (32, 64)
+  config.update(lovasz_weight=0.0, lr_schedule='constant', warmup_epochs=0.0)
+  class_weights = np.array([1.0, 2.0, 0.5, 3.0, 1.5], np.float32)
+  mesh = sharding.create_mesh()
+  model = models.unet_from_config(config.model)
+  lr = train.create_learning_rate_fn(config, 10)
+  state = train.create_replicated_train_state(config, model, lr, train.initial_keys(0)[0], mesh)
+  step = train.compile_train_step(config, mesh, lr, class_weights=jnp.asarray(class_weights))
+  batch = _batch(config)
+  logits, sown = state.apply_fn(train.model_variables(state), batch['image'], train=True,
+                                mutable=['batch_stats', 'intermediates'])
+  # By hand: each stride's logits upsampled to 32x64, their cross-entropy
+  # weighted 0.4 at stride 2, 0.2 at stride 4 and 0.1 at stride 8.
+  expected = main = _log_softmax_cross_entropy(logits, batch['label'], class_weights)
+  for stride, weight in zip((2, 4, 8), (0.4, 0.2, 0.1)):
+    aux, = sown['intermediates'][models.aux_logits_name(stride)]
+    assert aux.shape == (4, 32 // stride, 64 // stride, 5)
+    upsampled = jax.image.resize(aux, (4, 32, 64, 5), method='bilinear')
+    expected += weight * _log_softmax_cross_entropy(upsampled, batch['label'], class_weights)
+  heads = {stride: np.asarray(state.params[models.aux_head_name(stride)]['kernel'])
+           for stride in models.AUX_STRIDES}
+  new_state, metrics = step(state, batch, jax.random.key(1))  # donates state
+  assert float(metrics['loss']) == pytest.approx(expected, rel=1e-4)
+  assert float(metrics['loss']) > main + 0.1
+  # The heads learn: their gradients are not zero.
+  for stride, kernel in heads.items():
+    assert not np.allclose(new_state.params[models.aux_head_name(stride)]['kernel'], kernel)
+  # The seed U-Net has no decoder heads to supervise.
+  config = _tiny_config()
+  config.model.deep_supervision = 0.5
+  with pytest.raises(config_checks.ConfigError,
+                     match='model.deep_supervision needs an EfficientNet encoder'):
+    config_checks.check_config(config, num_devices=1)
+
+
 def test_weight_average_follows_the_hand_computed_update():
   config = _tiny_config()
   config.ema_decay = 0.9

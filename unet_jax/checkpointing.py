@@ -40,7 +40,7 @@ MIN_FREE_BYTES = 256 * 2**20
 # Model fields that configs written before them lack, with the value they meant.
 ADDED_MODEL_FIELDS = {'encoder': 'unet', 'pretrained': False, 'frozen_encoder_batch_norm': False,
                       'decoder_filters': (256, 128, 64, 32, 16), 'encoder_drop_path_rate': 0.0,
-                      'global_context_filters': 0}
+                      'global_context_filters': 0, 'deep_supervision': 0.0}
 
 
 class WorkdirError(errors.UserError, ValueError):

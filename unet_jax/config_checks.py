@@ -112,6 +112,7 @@ RULES: dict[str, Rule] = {
     'model.frozen_encoder_batch_norm': boolean(),
     'model.encoder_drop_path_rate': number(0, 1, high_open=True),
     'model.global_context_filters': integer(0),
+    'model.deep_supervision': number(0),
     # ---- data ----
     'data.data_dir': string(),
     'data.synthetic_scenes': integer(0),
@@ -255,6 +256,8 @@ def check_config(config, num_devices: int) -> None:
             f'model.encoder_drop_path_rate needs {NEEDS_EFFICIENTNET}')
     require('model.global_context_filters' in bad or config.model.global_context_filters == 0,
             f'model.global_context_filters needs {NEEDS_EFFICIENTNET}')
+    require('model.deep_supervision' in bad or config.model.deep_supervision == 0,
+            f'model.deep_supervision needs {NEEDS_EFFICIENTNET}')
   if not bad & {'data.image_size', 'model.depth', 'model.padding', 'model.encoder',
                 'model.decoder_filters'}:
     try:

@@ -278,7 +278,10 @@ class EfficientNetUNet(nn.Module):
   (none at stride 1), two 3x3 convolutions (with batch norm if
   `use_batch_norm`) + ReLU; then the 1x1 classifier. With
   `global_context_filters`, the stride-32 features carry `GlobalContext`'s
-  image-level channels into the first up-convolution. Sides must be
+  image-level channels into the first up-convolution. With
+  `deep_supervision`, 1x1 classifiers on the decoder's features at strides 8,
+  4 and 2 give auxiliary logits in training (`AUX_STRIDES`; sown into the
+  'intermediates' collection, the returned logits unchanged). Sides must be
   multiples of 32; the output has the input's size.
 
   Attributes:
@@ -293,6 +296,8 @@ class EfficientNetUNet(nn.Module):
       in training (`efficientnet.EfficientNetLite.drop_path_rate`).
     global_context_filters: channels of the image-level context added to the
       stride-32 features (`GlobalContext`); 0 adds none.
+    deep_supervision: the auxiliary classifiers (`aux_head_name`); they are
+      made at initialisation and run only in training.
     dtype: computation dtype; parameters stay float32.
   """
   num_classes: int = 23
@@ -303,6 +308,7 @@ class EfficientNetUNet(nn.Module):
   frozen_encoder_batch_norm: bool = False
   encoder_drop_path_rate: float = 0.0
   global_context_filters: int = 0
+  deep_supervision: bool = False
   dtype: Dtype = jnp.float32
 
   # The size rule in UNet's terms (sides multiples of 2**depth, SAME), for
@@ -334,8 +340,26 @@ class EfficientNetUNet(nn.Module):
         x = jnp.concatenate([x, skips[level - 1].astype(x.dtype)], axis=-1)
       x = ConvBlock(features, 'SAME', self.use_batch_norm, self.dtype,
                     name=f'up{level}')(x, train=train)
+      stride = 2**level
+      if self.deep_supervision and stride in AUX_STRIDES and (train or self.is_initializing()):
+        aux = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name=aux_head_name(stride))(x)
+        self.sow('intermediates', aux_logits_name(stride), aux.astype(jnp.float32))
     x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
     return x.astype(jnp.float32)
+
+
+# The decoder strides that deep supervision adds a classifier to, finest first.
+AUX_STRIDES = (2, 4, 8)
+
+
+def aux_head_name(stride: int) -> str:
+  """The parameters' name of the auxiliary classifier at `stride`."""
+  return f'aux_classifier_stride{stride}'
+
+
+def aux_logits_name(stride: int) -> str:
+  """The name of its logits in the 'intermediates' collection."""
+  return f'aux_logits_stride{stride}'
 
 
 EFFICIENTNETS = tuple(f'efficientnet_{variant}' for variant in efficientnet.VARIANTS)
@@ -392,6 +416,7 @@ def unet_from_config(model_config) -> nn.Module:
         # Workdirs written before the field existed trained without it.
         encoder_drop_path_rate=model_config.get('encoder_drop_path_rate', 0.0),
         global_context_filters=model_config.get('global_context_filters', 0),
+        deep_supervision=model_config.get('deep_supervision', 0.0) > 0,
         dtype=jnp.dtype(model_config.dtype),
     )
   return UNet(

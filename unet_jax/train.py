@@ -202,23 +202,28 @@ def update_ema(ema: dict, variables: dict, step, decay: float) -> dict:
 
 def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int,
                class_weights, learning_rate_fn, lovasz_weight: float = 0.0,
-               ema_decay: float = 0.0, hard_pixel_fraction: float = 1.0):
+               ema_decay: float = 0.0, hard_pixel_fraction: float = 1.0,
+               deep_supervision: float = 0.0):
   """One optimisation step; returns the new state and summable metrics.
 
   The loss is the (class-weighted) cross-entropy, over the hardest
   hard_pixel_fraction of the pixels when that is < 1, plus lovasz_weight times
-  the Lovasz-softmax loss when that is > 0. With ema_decay > 0 the state's
-  moving average of the variables follows the new ones (`update_ema`).
+  the Lovasz-softmax loss when that is > 0, plus, when deep_supervision > 0,
+  the class-weighted cross-entropy of each auxiliary classifier's logits
+  (`models.AUX_STRIDES`, upsampled bilinearly to the labels' size) times
+  deep_supervision at stride 2, halved at each coarser stride. With
+  ema_decay > 0 the state's moving average of the variables follows the new
+  ones (`update_ema`).
   """
   key = jax.random.fold_in(dropout_key, state.step)
   labels = batch['label']
 
   def loss_fn(params):
     variables = {'params': params}
-    mutable = []
+    mutable = ['intermediates'] if deep_supervision else []
     if state.batch_stats is not None:
       variables['batch_stats'] = state.batch_stats
-      mutable = ['batch_stats']
+      mutable.append('batch_stats')
     logits, updates = state.apply_fn(variables, batch['image'], train=True,
                                      rngs={'dropout': key}, mutable=mutable)
     loss_sum, weight_sum = losses.segmentation_loss(logits, labels, valid=batch['valid'],
@@ -229,6 +234,14 @@ def train_step(state: TrainState, batch: dict, dropout_key, *, ignore_label: int
     if lovasz_weight:
       loss += lovasz_weight * losses.lovasz_softmax(logits, labels, valid=batch['valid'],
                                                     ignore_label=ignore_label)
+    if deep_supervision:
+      for i, stride in enumerate(models.AUX_STRIDES):
+        aux, = updates['intermediates'][models.aux_logits_name(stride)]
+        aux = jax.image.resize(aux, logits.shape, method='bilinear')
+        aux_sum, aux_weight = losses.segmentation_loss(aux, labels, valid=batch['valid'],
+                                                       ignore_label=ignore_label,
+                                                       class_weights=class_weights)
+        loss += deep_supervision * 0.5**i * aux_sum / jnp.maximum(aux_weight, 1e-12)
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -291,7 +304,8 @@ def compile_train_step(config, mesh, learning_rate_fn, class_weights):
                            class_weights=class_weights, learning_rate_fn=learning_rate_fn,
                            lovasz_weight=float(config.lovasz_weight),
                            ema_decay=float(config.get('ema_decay', 0.0)),
-                           hard_pixel_fraction=float(config.get('hard_pixel_fraction', 1.0)))
+                           hard_pixel_fraction=float(config.get('hard_pixel_fraction', 1.0)),
+                           deep_supervision=float(config.model.get('deep_supervision', 0.0)))
   replicated, batch = sharding.replicated(mesh), sharding.data_sharded(mesh)
   return jax.jit(step, in_shardings=(replicated, batch, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
