@@ -102,8 +102,8 @@ Deep supervision, classifiers at decoder strides 2, 4 and 8 whose
 cross-entropy joins the loss at 0.5, 0.25 and 0.125
 (`model.deep_supervision=0.5`): 0.254 against 0.243 at 12 epochs (+0.010,
 +0.015, +0.009 a seed; pixel accuracy 0.903 against 0.889, Vehicles 0.50
-against 0.41; 2.6% more time a step), off until measured at 40 epochs,
-where the 12-epoch gains of batch 2 and Lite2 shrank.
+against 0.41; 2.6% more time a step), but at 40 epochs 0.264 against
+0.263 (seed 0, the same kind of CPU; 0.273 against 0.275 with TTA): off.
 The EfficientNet-Lite2 encoder instead of Lite0
 (`model.encoder=efficientnet_lite2`): 0.251 against 0.243 at 12 epochs
 (+0.011, +0.007, +0.008 a seed; pixel accuracy 0.898 against 0.889,
@@ -149,8 +149,8 @@ def get_config(arg: str | None = None):
   # the decoder fits a batch slower than the seed U-Net (README). Twice as
   # wide at strides 16 to 4: +0.004 mean IoU at 12 epochs, from one seed of 3.
   config.model.decoder_filters = (256, 128, 64, 64, 64)
-  # Deep supervision at 0.5: +0.011 mean IoU at 12 epochs, higher at every one
-  # of 3 seeds; off until its 40 epochs are measured (docs/quality.md).
+  # Deep supervision at 0.5: +0.011 mean IoU at 12 epochs (3 seeds), +0.001
+  # at 40 (seed 0), with fewer traffic signs (docs/quality.md).
   config.model.deep_supervision = 0.0
   config.model.frozen_encoder_batch_norm = False
   config.model.dropout_rate = 0.0
