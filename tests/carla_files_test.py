@@ -140,6 +140,26 @@ def test_jpeg_renamed_png(tmp_path):
   assert 'CameraRGB/000001.png' in message and 'not a PNG' in message
 
 
+def test_photo_formats_take_jpeg_upright_and_the_dataset_does_not(tmp_path):
+  image = np.random.default_rng(3).integers(0, 256, (3, 5, 3), np.uint8)
+  image = np.repeat(np.repeat(image, 16, 0), 16, 1)  # flat 16x16 blocks survive JPEG closely
+  photo = Image.fromarray(image)
+  exif = photo.getexif()
+  exif[0x0112] = 6  # shown turned 90 degrees clockwise
+  photo.save(tmp_path / 'photo.jpg', exif=exif.tobytes(), quality=95)
+  with pytest.raises(carla_files.BadDataError, match='photo.jpg: not a PNG file'):
+    carla_files.read_image(tmp_path / 'photo.jpg')
+  decoded = carla_files.read_image(tmp_path / 'photo.jpg', carla_files.PHOTO_FORMATS)
+  upright, upside_down = np.rot90(image, k=-1), np.rot90(image, k=1)
+  assert decoded.shape == upright.shape == (80, 48, 3)
+  assert np.abs(decoded.astype(int) - upright).mean() < 4
+  assert np.abs(decoded.astype(int) - upside_down).mean() > 30
+  data = (tmp_path / 'photo.jpg').read_bytes()
+  (tmp_path / 'cut.jpg').write_bytes(data[:len(data) // 2])
+  with pytest.raises(carla_files.BadDataError, match='cut.jpg: corrupt or truncated JPEG'):
+    carla_files.read_image(tmp_path / 'cut.jpg', carla_files.PHOTO_FORMATS)
+
+
 def test_image_and_mask_sizes_differ(tmp_path):
   _write_pair(tmp_path, '000001', size=(8, 12))
   carla_files.write_mask(tmp_path / 'CameraMask' / '000001.png', np.ones((8, 10), np.uint8))

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from unet_jax import carla_files
 from unet_jax import checkpointing
@@ -113,6 +114,30 @@ def test_outputs_have_the_size_of_odd_sized_inputs(trained, tmp_path, mode):
     assert carla_files.read_mask(tmp_path / 'out' / f'{name}_mask.png').shape == size
     for suffix in ('_color.png', '_overlay.png'):
       assert carla_files.read_image(tmp_path / 'out' / f'{name}{suffix}').shape == (*size, 3)
+
+
+def test_jpeg_photos_are_predicted_upright_and_other_formats_refused(trained, tmp_path):
+  """A camera's JPEG (stored sideways, with an EXIF rotation) gets masks at the size a
+  viewer shows; a GIF, and a PNG whose outputs would overwrite the JPEG's, are refused
+  by name."""
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  image, _ = synthetic.render_scene((5, 0), 0, (40, 64))
+  photo = Image.fromarray(image)
+  exif = photo.getexif()
+  exif[0x0112] = 6  # EXIF orientation: shown turned 90 degrees clockwise
+  photo.save(inputs / 'dash.jpg', exif=exif.tobytes(), quality=95)
+  photo.save(inputs / 'still.gif')
+  _write_frame(inputs / 'dash.png', (30, 30))
+  run = predict.predict_files(str(trained['workdir']), str(inputs), str(tmp_path / 'out'))
+  assert run.written == [inputs / 'dash.jpg']
+  assert [(path.name, why) for path, why in run.failed] == [
+      ('dash.png', f'{inputs / "dash.png"}: same name stem as {inputs / "dash.jpg"}, whose '
+                   'outputs it would overwrite'),
+      ('still.gif', f'{inputs / "still.gif"}: not a PNG or JPEG file (found GIF)')]
+  assert carla_files.read_mask(tmp_path / 'out' / 'dash_mask.png').shape == (64, 40)
+  overlay = carla_files.read_image(tmp_path / 'out' / 'dash_overlay.png')
+  assert overlay.shape == (64, 40, 3)
 
 
 def test_bad_files_are_reported_by_name_and_the_others_written(trained, tmp_path):

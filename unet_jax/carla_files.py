@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from unet_jax import classes
 from unet_jax import errors
@@ -33,6 +34,9 @@ MAX_PIXELS = 50_000_000
 # A frame smaller than this on a side holds no scene worth learning from
 # (resized to the model's input it would be a few blown-up pixels).
 MIN_SIDE = 8
+# What predict reads besides CARLA's PNG frames: photos from other cameras.
+PHOTO_FORMATS = ('PNG', 'JPEG')
+SIGNATURES = {'PNG': b'\x89PNG\r\n\x1a\n', 'JPEG': b'\xff\xd8\xff'}
 # Where the hint for skipping bad pairs points, per program.
 SKIP_HINT = ('set config.data.skip_bad_pairs=True (training) or pass --skip_bad_pairs '
              '(evaluate) to skip them')
@@ -110,31 +114,37 @@ def list_pairs(data_dir: PathLike) -> tuple[list[Pair], list[str]]:
   return pairs, problems
 
 
-def _open_png(data: bytes, path: PathLike) -> Image.Image:
-  """Opens and fully decodes PNG bytes, turning every failure into BadDataError."""
+def _open(data: bytes, path: PathLike, formats: Sequence[str] = ('PNG',)) -> Image.Image:
+  """Opens and fully decodes image bytes of one of `formats`; every failure is a BadDataError."""
+  kinds = ' or '.join(formats)
+  # The format's name, from the file's first bytes (its header may be cut short).
+  found = next((name for name, start in SIGNATURES.items() if data.startswith(start)), kinds)
   if not data:
     raise BadDataError(f'{path}: empty file')
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('error', Image.DecompressionBombWarning)
       image = Image.open(io.BytesIO(data))
-      if image.format != 'PNG':
-        raise BadDataError(f'{path}: not a PNG file (found {image.format})')
+      if image.format not in formats:
+        raise BadDataError(f'{path}: not a {kinds} file (found {image.format})')
       width, height = image.size
       if width * height > MAX_PIXELS:
         raise BadDataError(
             f'{path}: image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} '
             '(possible decompression bomb)')
       image.load()
+      if image.format == 'JPEG':
+        # Upright as a viewer shows it (phone and dash cameras store a rotation).
+        image = ImageOps.exif_transpose(image)
   except BadDataError:
     raise
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise BadDataError(f'{path}: image too large, possible decompression bomb ({e})') from e
   except Image.UnidentifiedImageError as e:
-    raise BadDataError(f'{path}: not an image file (unreadable as PNG)') from e
+    raise BadDataError(f'{path}: not an image file (unreadable as {kinds})') from e
   except (OSError, SyntaxError, ValueError) as e:
     # PIL reports truncated or corrupt streams as OSError/SyntaxError.
-    raise BadDataError(f'{path}: corrupt or truncated PNG ({e})') from e
+    raise BadDataError(f'{path}: corrupt or truncated {found} ({e})') from e
   return image
 
 
@@ -145,9 +155,14 @@ def _read_bytes(path: PathLike) -> bytes:
     raise BadDataError(f'{path}: cannot read file ({e.strerror})') from e
 
 
-def decode_image(data: bytes, path: PathLike = '<bytes>') -> np.ndarray:
-  """PNG bytes -> uint8 [H, W, 3]; grayscale, palette, RGB and RGBA are accepted."""
-  image = _open_png(data, path)
+def decode_image(data: bytes, path: PathLike = '<bytes>',
+                 formats: Sequence[str] = ('PNG',)) -> np.ndarray:
+  """Image bytes -> uint8 [H, W, 3]; grayscale, palette, RGB and RGBA are accepted.
+
+  CARLA frames are PNG; `formats=PHOTO_FORMATS` also takes JPEG, turned
+  upright by its EXIF orientation.
+  """
+  image = _open(data, path, formats)
   return np.asarray(image.convert('RGB'), dtype=np.uint8)
 
 
@@ -172,7 +187,7 @@ def _mask_indices(image: Image.Image, path: PathLike) -> np.ndarray:
 def decode_mask(data: bytes, path: PathLike = '<bytes>',
                 num_classes: int = classes.NUM_CLASSES) -> np.ndarray:
   """PNG bytes -> uint8 [H, W] class indices (the shown red), checked < num_classes."""
-  image = _open_png(data, path)
+  image = _open(data, path)
   array = _mask_indices(image, path)
   top = int(array.max()) if array.size else 0
   if top >= num_classes:
@@ -187,8 +202,8 @@ def png_mode(data: bytes) -> str:
     return image.mode
 
 
-def read_image(path: PathLike) -> np.ndarray:
-  return decode_image(_read_bytes(path), path)
+def read_image(path: PathLike, formats: Sequence[str] = ('PNG',)) -> np.ndarray:
+  return decode_image(_read_bytes(path), path, formats)
 
 
 def read_mask(path: PathLike, num_classes: int = classes.NUM_CLASSES) -> np.ndarray:

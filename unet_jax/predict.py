@@ -5,7 +5,7 @@ r"""Runs a trained U-Net on images of any size; writes masks and pictures.
         [--[no]tta_flip] [--tta_scales=1.0,0.75,1.25] [--prior_correction=S] \
         [--ensemble=DIR[,DIR...]]
 
-For every input PNG (a file, or every file of a folder) it writes into
+For every input PNG or JPEG (a file, or every file of a folder) it writes into
 --output `<stem>_mask.png` (the CARLA mask format: class index in channel 0,
 so predictions read back as data), `<stem>_color.png` (the CARLA palette)
 and `<stem>_overlay.png` (the colours over the image), all at the input's
@@ -272,7 +272,7 @@ def _read_all(paths, mode, config, failed) -> Iterator[tuple]:
       continue
     stems[path.stem] = path
     try:
-      image = carla_files.read_image(path)
+      image = carla_files.read_image(path, carla_files.PHOTO_FORMATS)
     except carla_files.BadDataError as error:
       failed.append((path, str(error)))
       continue
@@ -289,7 +289,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, *, checkpoint:
 
   Args:
     workdir: a training workdir (config.json and checkpoints).
-    input_path: a PNG file or a folder of them.
+    input_path: a PNG or JPEG file or a folder of them.
     output_dir: created if missing; must not contain an input.
     checkpoint: 'best', 'latest' or a step.
     mode: 'resize' or 'tile' (see the module docstring).
@@ -392,7 +392,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags, defined only when it runs, so importing never clashes."""
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
-  flags.DEFINE_string('input', None, 'A PNG image or a folder of them.')
+  flags.DEFINE_string('input', None, 'A PNG or JPEG image or a folder of them.')
   flags.DEFINE_string('output', None, 'Folder for the predictions (not containing inputs).')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_enum('mode', 'resize', MODES,
