@@ -6,7 +6,8 @@ index and channels 1 and 2 are zero (RGBA, alpha 255, as CARLA writes it).
 Whatever the PNG's storage (RGB, RGBA, palette, grayscale with or without
 alpha, 16-bit), a pixel's class is the red value of the colour a viewer
 shows. Every problem is a `BadDataError` (a `ValueError`) whose message
-names the file and what is wrong with it.
+names the file and what is wrong with it. Prediction also reads JPEG
+photos (`PHOTO_FORMATS`); training data stays PNG.
 """
 
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ MAX_PIXELS = 50_000_000
 # A frame smaller than this on a side holds no scene worth learning from
 # (resized to the model's input it would be a few blown-up pixels).
 MIN_SIDE = 8
-# What predict reads besides CARLA's PNG frames: photos from other cameras.
+# What predict reads: CARLA's PNG frames and other cameras' JPEG photos.
 PHOTO_FORMATS = ('PNG', 'JPEG')
 SIGNATURES = {'PNG': b'\x89PNG\r\n\x1a\n', 'JPEG': b'\xff\xd8\xff'}
 # Where the hint for skipping bad pairs points, per program.
