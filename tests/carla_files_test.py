@@ -150,10 +150,10 @@ def test_photo_formats_take_jpeg_upright_and_the_dataset_does_not(tmp_path):
   with pytest.raises(carla_files.BadDataError, match='photo.jpg: not a PNG file'):
     carla_files.read_image(tmp_path / 'photo.jpg')
   decoded = carla_files.read_image(tmp_path / 'photo.jpg', carla_files.PHOTO_FORMATS)
-  upright, upside_down = np.rot90(image, k=-1), np.rot90(image, k=1)
+  upright, turned_the_other_way = np.rot90(image, k=-1), np.rot90(image, k=1)
   assert decoded.shape == upright.shape == (80, 48, 3)
   assert np.abs(decoded.astype(int) - upright).mean() < 4
-  assert np.abs(decoded.astype(int) - upside_down).mean() > 30
+  assert np.abs(decoded.astype(int) - turned_the_other_way).mean() > 30
   data = (tmp_path / 'photo.jpg').read_bytes()
   (tmp_path / 'cut.jpg').write_bytes(data[:len(data) // 2])
   with pytest.raises(carla_files.BadDataError, match='cut.jpg: corrupt or truncated JPEG'):
