@@ -133,11 +133,11 @@ Pole 0.24 against 0.22 at every seed but Building 0.61 against 0.65 and
 pixel accuracy 0.903 against 0.911 (3 seeds; seed 0 with the test-time
 views 0.276 against 0.275): the config keeps 256x320 here too.
 80 epochs instead of 40 (`num_epochs=80`, 6240 steps, about 3.2 hours
-alone): 0.274 against 0.263 (seed 0, the same kind of CPU; higher on 6 of
-the 7 validation recordings; Pole 0.25 against 0.20, TrafficSign 0.17
-against 0.10, GuardRail 0.58 against 0.66), 0.285 against 0.275 with three
-test-time scales (0.288 with the default four): one seed, so this config
-keeps 40 epochs until seeds 1 and 2 are measured.
+alone): 0.275 +- 0.002 against 0.265 +- 0.004 (seeds 0 and 1, the same
+kind of CPU; +0.011 and +0.008, 13 of their 14 validation recording scores
+higher; Pole 0.24 against 0.21), 0.286 +- 0.002 against 0.277 +- 0.003 with
+three test-time scales (0.290 +- 0.002 with the default four): two seeds,
+so this config keeps 40 epochs until seed 2 is measured.
 Pedestrian stays near 0 on validation because the training recordings hold
 almost none (README).
 
