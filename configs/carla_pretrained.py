@@ -27,7 +27,9 @@ epochs (6240 steps of batch 4) in about 3.2 hours alone, pixel accuracy
 0.920 +- 0.001, mean IoU 0.276 +- 0.002 (seeds 0, 1, 2: 0.274, 0.276, 0.277),
 Vehicles 0.52, RoadLine 0.44, Pole 0.25 (the model alone, as training and
 `compare_recipes.py` score it); with `--tta_flip --tta_scales=0.75,1.0,1.25`
-in evaluate and predict, 0.926 +- 0.002 and 0.285 +- 0.002, Pole 0.30.
+in evaluate and predict, 0.926 +- 0.002 and 0.285 +- 0.002, Pole 0.30; with
+their default four scales (`0.5,0.75,1.0,1.25`, mirrored), 0.929 +- 0.001
+and 0.290 +- 0.001 (0.288, 0.291, 0.290), Vehicles 0.55, Pole 0.30.
 At 40 epochs (3120 steps, 103 to 134 minutes alone; the config's length
 until 80 was measured at 3 seeds): pixel accuracy 0.910 +- 0.005, mean IoU 0.266 +-
 0.005 (seeds 0, 1, 2: 0.271, 0.267, 0.261), Vehicles 0.49, RoadLine 0.42,
@@ -140,8 +142,8 @@ views 0.276 against 0.275): the config keeps 256x320 here too.
 alone): 0.276 +- 0.002 against 0.265 +- 0.003 (seeds 0, 1 and 2 of the same
 kind of CPU; +0.011, +0.008, +0.011 a seed, 19 of their 21 validation
 recording scores higher; Pole 0.25 against 0.22), 0.285 +- 0.002 against
-0.276 +- 0.002 with three test-time scales (seeds 0 and 1 with the default
-four: 0.290 +- 0.002).
+0.276 +- 0.002 with three test-time scales (with the default four: 0.290
++- 0.001).
 Pedestrian stays near 0 on validation because the training recordings hold
 almost none (README).
 
