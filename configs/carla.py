@@ -91,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # e.g. ('000', '001', '006', '007', '018', '035', '064') puts recording 009's
   # pedestrians into training (README, Quality). () uses validation_fraction.
   config.data.validation_groups = ()
+  # Frames (file stems) left out of every split, e.g. those whose mask belongs
+  # to another frame (scripts/audit_masks.py finds them): ('000034', '011478').
+  config.data.exclude_frames = ()
   # The prepared splits training reads: ('train', 'validation') also trains on
   # the validation recordings (the model to deploy once a recipe is chosen: on
   # this split they hold nearly all the pedestrians; README, Quality). Its

@@ -137,6 +137,63 @@ def test_changed_split_settings_prepare_a_new_copy(scenes, tmp_path):
           carla_dataset.split_sizes(first)['validation'])
 
 
+def _membership(builder) -> dict[str, str]:
+  return {e['file_name'].decode(): split for split in carla_dataset.split_sizes(builder)
+          for e in carla_dataset.data_source(builder, split)}
+
+
+def test_excluded_frames_are_in_no_split_and_the_others_keep_theirs(scenes, tmp_path):
+  settings = dict(prepared_dir=str(tmp_path), split_key='name', validation_fraction=0.3,
+                  test_fraction=0.2)
+  everything = carla_dataset.prepare(scenes, **settings)
+  before = _membership(everything)
+  # One frame of each split.
+  excluded = tuple(next(n for n in sorted(before) if before[n] == split)
+                   for split in ('train', 'validation', 'test'))
+  builder = carla_dataset.prepare(scenes, exclude_frames=excluded, **settings)
+  assert builder.data_dir != everything.data_dir  # its own prepared copy
+  after = _membership(builder)
+  assert len(after) == 37 and not set(excluded) & set(after)
+  assert after == {name: split for name, split in before.items() if name not in excluded}
+  # An empty list is the copy without exclusions, not a new one.
+  again = carla_dataset.prepare(scenes, exclude_frames=(), **settings)
+  assert again.data_dir == everything.data_dir
+
+
+def test_builder_config_name_carries_the_excluded_frames(scenes):
+  plain = carla_dataset.builder_config(scenes, split_key='name').name
+  assert carla_dataset.builder_config(scenes, split_key='name', exclude_frames=()).name == plain
+  one = carla_dataset.builder_config(scenes, split_key='name', exclude_frames=('000001',)).name
+  two = carla_dataset.builder_config(scenes, split_key='name',
+                                     exclude_frames=('000002', '000001')).name
+  assert '-x1x' in one and '-x2x' in two and len({plain, one, two}) == 3
+  # The list's order does not matter; its content does.
+  assert carla_dataset.builder_config(scenes, split_key='name',
+                                      exclude_frames=('000001', '000002')).name == two
+  # Folder and content stay last: stale copies are told apart by them.
+  assert one.split('-')[-2:] == plain.split('-')[-2:]
+
+
+def test_excluded_name_that_is_not_a_frame_is_an_error(scenes, tmp_path):
+  with pytest.raises(carla_dataset.SplitError,
+                     match=f"data.exclude_frames names '000999', which is not a frame of {scenes}"):
+    carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name',
+                          exclude_frames=(synthetic.scene_name(0), '000999'))
+  assert not list(tmp_path.glob('**/dataset_info.json'))
+
+
+def test_excluding_a_whole_split_is_the_empty_split_error(scenes, tmp_path):
+  names = [synthetic.scene_name(i) for i in range(40)]
+  validation = tuple(n for n in names
+                     if carla_dataset.split_of(n, 'name', 0.3, 0.0) == 'validation')
+  assert validation
+  with pytest.raises(carla_dataset.SplitError,
+                     match=r'validation would be empty.*exclude_frames leaves out '
+                           f'{len(validation)} frame'):
+    carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name',
+                          validation_fraction=0.3, test_fraction=0.0, exclude_frames=validation)
+
+
 def test_folders_sharing_a_prepared_dir_keep_their_copies(tmp_path):
   for name in ('a', 'b'):
     synthetic.write_scenes(tmp_path / name, 12, seed=len(name), size=(32, 48))

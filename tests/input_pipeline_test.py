@@ -1,5 +1,6 @@
 """The input pipeline: preprocessing, augmentation, order, sharding, both delivery modes."""
 
+import collections
 import concurrent.futures
 import os
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 
 from configs import carla
 from unet_jax import augmentation
+from unet_jax import carla_dataset
 from unet_jax import carla_files
 from unet_jax import errors
 from unet_jax import input_pipeline as ip
@@ -281,6 +283,29 @@ def test_named_validation_groups_reach_the_validation_split(scenes, mesh):
     expected.append(preprocessing.resize_pair(image, mask, (32, 48))[1].tobytes())
   got = [validation.load_example(i)[1].tobytes() for i in range(3)]
   assert sorted(got) == sorted(expected)
+
+
+def test_excluded_frames_leave_every_split(scenes, mesh):
+  names = [synthetic.scene_name(i) for i in range(30)]
+  split = {n: carla_dataset.split_of(n, 'name', 0.25, 0.25) for n in names}
+  excluded = (names[0], names[1], names[2])
+  config = _config(scenes, exclude_frames=excluded)
+  sizes = {name: data.num_examples for name, data in ip.create_datasets(config, mesh).items()}
+  counts = collections.Counter(split[n] for n in names if n not in excluded)
+  assert sizes == dict(counts) and sum(sizes.values()) == 27
+  # A config saved before the field existed reads as none left out.
+  old = _config(scenes)
+  del old.data['exclude_frames']
+  sizes = {name: data.num_examples for name, data in ip.create_datasets(old, mesh).items()}
+  assert sizes == dict(collections.Counter(split.values()))
+
+
+def test_excluded_frames_leave_an_evaluated_folder(scenes, mesh, tmp_path):
+  # Names the folder holds are left out; one it does not hold is passed over.
+  config = _config(scenes, exclude_frames=(synthetic.scene_name(4), '999999'))
+  data = ip.folder_dataset(config, mesh, scenes, prepared_dir=str(tmp_path))
+  assert data.num_examples == 29
+  assert synthetic.scene_name(4) not in data.frame_names()
 
 
 def test_both_modes_give_the_same_order_and_eval_data(scenes, mesh):

@@ -9,7 +9,9 @@ split back with random access and no TensorFlow.
 Splits are assigned by a stable hash (sha256) of a group key: the recording
 block (first three characters of the name, the default) or the name itself;
 or the validation split is named outright (`validation_groups`), the rest
-training (and test, by hash).
+training (and test, by hash). Frames named in `exclude_frames` (e.g. those
+whose mask belongs to another frame) are left out of every split; the
+others keep the split they would have without them.
 CARLA frames come from video, so a split by frame would leak near-identical
 neighbours into validation; and since a frame's split depends only on its
 own key, adding frames never moves existing ones.
@@ -126,14 +128,15 @@ class CarlaConfig(tfds.core.BuilderConfig):
   validation_fraction: float = 0.15
   test_fraction: float = 0.15
   validation_groups: tuple[str, ...] = ()
+  exclude_frames: tuple[str, ...] = ()  # frame names left out of every split
   skip_bad_pairs: bool = False
   num_classes: int = classes.NUM_CLASSES
   content: str = ''  # carla_files.fingerprint of the folder
 
 
 def builder_config(data_dir, *, split_key='recording', validation_fraction=0.15,
-                   test_fraction=0.15, validation_groups=(), skip_bad_pairs=False,
-                   num_classes=classes.NUM_CLASSES) -> CarlaConfig:
+                   test_fraction=0.15, validation_groups=(), exclude_frames=(),
+                   skip_bad_pairs=False, num_classes=classes.NUM_CLASSES) -> CarlaConfig:
   content = carla_files.fingerprint(data_dir)
   group_key('000000', split_key)  # validates split_key early
   validation_groups = tuple(sorted(set(validation_groups)))
@@ -142,15 +145,37 @@ def builder_config(data_dir, *, split_key='recording', validation_fraction=0.15,
     validation = f'valg{len(validation_groups)}x{groups[:8]}'
   else:
     validation = f'val{validation_fraction:g}'
+  # Left-out frames get their own copy; with none the name is what it always
+  # was, so copies prepared before the option existed stay valid. File stems
+  # hold no '/', so joining on it is unambiguous.
+  exclude_frames = tuple(sorted(set(exclude_frames)))
+  excluded = ''
+  if exclude_frames:
+    frames = hashlib.sha256('/'.join(exclude_frames).encode()).hexdigest()
+    excluded = f'-x{len(exclude_frames)}x{frames[:8]}'
   # The folder's own hash keeps copies of different folders apart when they
   # share a prepared_dir; the content hash tells old copies from new.
   folder = hashlib.sha256(os.fspath(pathlib.Path(data_dir).resolve()).encode()).hexdigest()
   name = (f'{split_key}-{validation}-test{test_fraction:g}'
-          f'{"-skipbad" if skip_bad_pairs else ""}-c{num_classes}-{folder[:8]}-{content[:16]}')
+          f'{"-skipbad" if skip_bad_pairs else ""}{excluded}-c{num_classes}-{folder[:8]}-'
+          f'{content[:16]}')
   return CarlaConfig(name=name, split_key=split_key, validation_fraction=validation_fraction,
                      test_fraction=test_fraction, validation_groups=validation_groups,
-                     skip_bad_pairs=skip_bad_pairs,
+                     exclude_frames=exclude_frames, skip_bad_pairs=skip_bad_pairs,
                      num_classes=num_classes, content=content)
+
+
+def _check_excluded(data_dir, exclude_frames) -> None:
+  """Every name in `exclude_frames` is a frame of the folder: a typo is never silently ignored.
+
+  A pair skipped as bad (`skip_bad_pairs`) still counts as a frame.
+  """
+  names = {pair.name for pair in carla_files.list_pairs(data_dir)[0]}
+  unknown = [name for name in exclude_frames if name not in names]
+  if unknown:
+    raise SplitError(f'data.exclude_frames names {", ".join(map(repr, unknown))}, which '
+                     f'{"is not a frame" if len(unknown) == 1 else "are not frames"} of '
+                     f'{data_dir}')
 
 
 def _example(pair: carla_files.Pair, num_classes: int) -> tuple[str, dict]:
@@ -204,11 +229,21 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
+    if config.exclude_frames:  # a typo fails before every pair is decoded
+      _check_excluded(dl_manager.manual_dir, config.exclude_frames)
     pairs = carla_files.validate_pairs(dl_manager.manual_dir, config.num_classes,
                                        config.skip_bad_pairs)
     by_name = {pair.name: pair for pair in pairs}
-    splits = assign_splits(list(by_name), config.split_key, config.validation_fraction,
-                           config.test_fraction, config.validation_groups)
+    for name in config.exclude_frames:
+      by_name.pop(name, None)  # absent if skipped as a bad pair
+    try:
+      splits = assign_splits(list(by_name), config.split_key, config.validation_fraction,
+                             config.test_fraction, config.validation_groups)
+    except SplitError as error:
+      if not config.exclude_frames:
+        raise
+      raise SplitError(f'{error} (config.data.exclude_frames leaves out '
+                       f'{len(config.exclude_frames)} frame(s))') from error
     return {split: self._generate_examples([by_name[n] for n in names])
             for split, names in splits.items()}
 
@@ -249,14 +284,18 @@ def _remove_stale_copies(builder: CarlaScenes) -> None:
 
 def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
             validation_fraction: float = 0.15, test_fraction: float = 0.15,
-            validation_groups=(), skip_bad_pairs: bool = False,
+            validation_groups=(), exclude_frames=(), skip_bad_pairs: bool = False,
             num_classes: int = classes.NUM_CLASSES) -> CarlaScenes:
-  """Validates and prepares the folder (once per content and settings); returns the builder."""
+  """Validates and prepares the folder (once per content and settings); returns the builder.
+
+  `exclude_frames`: frame names (file stems) left out of every split; each
+  must be a frame of the folder.
+  """
   data_dir = pathlib.Path(data_dir)
   carla_files.list_pairs(data_dir)  # a missing or empty folder fails before anything is written
   config = builder_config(data_dir, split_key=split_key, validation_fraction=validation_fraction,
                           test_fraction=test_fraction, validation_groups=validation_groups,
-                          skip_bad_pairs=skip_bad_pairs,
+                          exclude_frames=exclude_frames, skip_bad_pairs=skip_bad_pairs,
                           num_classes=num_classes)
   root = prepared_root(data_dir, prepared_dir)
   try:

@@ -13,7 +13,8 @@ test-time augmentation (`inference.tta_flip`, `inference.tta_scales`)
 and class-weight prior correction (`inference.prior_correction`,
 unet_jax.prior_correction); the flags override them. With
 --data_dir it evaluates every pair of any CARLA-format folder instead of a
-split, preprocessed as in training; the split is then called
+split (less the frames named in the config's `data.exclude_frames`),
+preprocessed as in training; the split is then called
 `folder-<folder name>`. A run that kept a moving average of its weights
 (`ema_decay` > 0) is scored with that average, as training scored it;
 `--noweight_average` scores the optimizer's own weights of the same

@@ -44,6 +44,7 @@ import shutil
 import tempfile
 import threading
 
+from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
@@ -401,6 +402,7 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
       data_dir, prepared_dir=data.prepared_dir, split_key=data.split_key,
       validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
       validation_groups=tuple(data.get('validation_groups', ())),
+      exclude_frames=tuple(data.get('exclude_frames', ())),
       skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes),
       'preparing the frames')
   sizes = carla_dataset.split_sizes(builder)
@@ -438,13 +440,27 @@ def folder_dataset(config, mesh: jax.sharding.Mesh, data_dir,
   they all land in the builder's 'train' split. It is read as 'train[:100%]'
   (the same examples) so that SegmentationData batches it as an evaluation
   split: every example once, the last batch padded, any number of frames.
+
+  The config's `data.exclude_frames` apply here too: they name frames (such
+  as those whose mask belongs to another frame), and a frame of that name in
+  this folder is left out, as training and its evaluation left it out. Names
+  the folder does not hold are passed over (they were checked against the
+  training folder; another folder need not hold them), so a folder of other
+  recordings that reuses such a name loses that frame as well.
   """
   data = config.data
   image_size = tuple(int(n) for n in data.image_size)
   label_size = models.label_size(config.model, image_size)
+  excluded = tuple(data.get('exclude_frames', ()))
+  if excluded:
+    names = {pair.name for pair in carla_files.list_pairs(data_dir)[0]}
+    excluded = tuple(name for name in excluded if name in names)
+    if excluded:
+      logging.info('Leaving out %d frame(s) of %s named by data.exclude_frames: %s',
+                   len(excluded), data_dir, ', '.join(excluded))
   builder = distributed.process_0_first(lambda: carla_dataset.prepare(
       data_dir, prepared_dir=prepared_dir, split_key='name', validation_fraction=0.0,
-      test_fraction=0.0, skip_bad_pairs=data.skip_bad_pairs,
+      test_fraction=0.0, exclude_frames=excluded, skip_bad_pairs=data.skip_bad_pairs,
       num_classes=config.model.num_classes), 'preparing the frames')
   num_examples = carla_dataset.split_sizes(builder)['train']
   device_cache = (data.device_cache == 'always' or data.device_cache == 'auto' and
