@@ -94,6 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Frames (file stems) left out of every split, e.g. those whose mask belongs
   # to another frame (scripts/audit_masks.py finds them): ('000034', '011478').
   config.data.exclude_frames = ()
+  # Recordings (group keys) whose frames are all left out of every split: to
+  # measure what more recordings bring, e.g. ('000', '007', '009', '035') with
+  # validation_groups=('001', '018', '064') trains on 7 recordings against 11
+  # (README, Quality). evaluate --data_dir scores a folder whole.
+  config.data.exclude_groups = ()
   # The prepared splits training reads: ('train', 'validation') also trains on
   # the validation recordings (the model to deploy once a recipe is chosen: on
   # this split they hold nearly all the pedestrians; README, Quality). Its

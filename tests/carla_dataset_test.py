@@ -182,13 +182,44 @@ def test_excluded_name_that_is_not_a_frame_is_an_error(scenes, tmp_path):
   assert not list(tmp_path.glob('**/dataset_info.json'))
 
 
+def test_excluded_groups_leave_all_their_frames_and_share_the_listed_copy(scenes, tmp_path):
+  settings = dict(prepared_dir=str(tmp_path), split_key='recording', validation_fraction=0.0,
+                  test_fraction=0.0, validation_groups=('003', '007'))
+  before = _membership(carla_dataset.prepare(scenes, **settings))
+  assert len(before) == 40
+  builder = carla_dataset.prepare(scenes, exclude_groups=('001', '005'), **settings)
+  after = _membership(builder)
+  gone = {n for n in before if n[:3] in ('001', '005')}
+  assert len(gone) == 2 * synthetic.FRAMES_PER_RECORDING
+  assert after == {n: split for n, split in before.items() if n not in gone}
+  assert collections.Counter(after.values())['validation'] == 2 * synthetic.FRAMES_PER_RECORDING
+  # The same frames listed one by one give the same prepared copy.
+  listed = carla_dataset.prepare(scenes, exclude_frames=tuple(sorted(gone)), **settings)
+  assert listed.data_dir == builder.data_dir
+  # A frame both listed and in an excluded group counts once.
+  both = carla_dataset.prepare(scenes, exclude_frames=(min(gone),), exclude_groups=('001', '005'),
+                               **settings)
+  assert both.data_dir == builder.data_dir
+
+
+def test_excluded_group_that_is_absent_or_validates_is_an_error(scenes, tmp_path):
+  with pytest.raises(carla_dataset.SplitError,
+                     match=r"data.exclude_groups names '042', but no frame has that recording key"):
+    carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), exclude_groups=('001', '042'))
+  with pytest.raises(carla_dataset.SplitError,
+                     match=r"exclude_groups and data.validation_groups both name '003'"):
+    carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), validation_groups=('003', '004'),
+                          exclude_groups=('003',))
+  assert not list(tmp_path.glob('**/dataset_info.json'))
+
+
 def test_excluding_a_whole_split_is_the_empty_split_error(scenes, tmp_path):
   names = [synthetic.scene_name(i) for i in range(40)]
   validation = tuple(n for n in names
                      if carla_dataset.split_of(n, 'name', 0.3, 0.0) == 'validation')
   assert validation
   with pytest.raises(carla_dataset.SplitError,
-                     match=r'validation would be empty.*exclude_frames leaves out '
+                     match=r'validation would be empty.*exclude_frames / exclude_groups leave out '
                            f'{len(validation)} frame'):
     carla_dataset.prepare(scenes, prepared_dir=str(tmp_path), split_key='name',
                           validation_fraction=0.3, test_fraction=0.0, exclude_frames=validation)

@@ -188,6 +188,8 @@ def test_full_workdir_fails_before_training(synthetic_dir, tmp_path, monkeypatch
      "data.train_splits must be distinct split names, 'train' among them"),
     ({'data.exclude_frames': ('000034', 11478)}, 1,
      r"data.exclude_frames must be distinct non-empty strings .*got \('000034', 11478\)"),
+    ({'data.exclude_groups': ('000', '000')}, 1,
+     r"data.exclude_groups must be distinct non-empty strings .*got \('000', '000'\)"),
     ({'eval_split': 'test'}, 1, "eval_split is 'test', but data.test_fraction is 0"),
     ({'inference.tta_scales': (1.0, 0.0)}, 1,
      'inference.tta_scales must be a tuple of finite numbers > 0, at least one'),

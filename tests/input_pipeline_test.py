@@ -300,6 +300,19 @@ def test_excluded_frames_leave_every_split(scenes, mesh):
   assert sizes == dict(collections.Counter(split.values()))
 
 
+def test_excluded_groups_leave_every_split_but_not_an_evaluated_folder(scenes, mesh, tmp_path):
+  names = [synthetic.scene_name(i) for i in range(30)]
+  group = names[0][:3]
+  config = _config(scenes, split_key='recording', validation_fraction=0.0, test_fraction=0.0,
+                   validation_groups=(names[4][:3],), exclude_groups=(group,))
+  sizes = {name: data.num_examples for name, data in ip.create_datasets(config, mesh).items()}
+  per_group = synthetic.FRAMES_PER_RECORDING
+  assert sizes == {'train': 30 - 2 * per_group, 'validation': per_group}
+  # A folder given to evaluate is scored whole.
+  data = ip.folder_dataset(config, mesh, scenes, prepared_dir=str(tmp_path))
+  assert data.num_examples == 30 and names[0] in data.frame_names()
+
+
 def test_excluded_frames_leave_an_evaluated_folder(scenes, mesh, tmp_path):
   # Names the folder holds are left out; one it does not hold is passed over.
   config = _config(scenes, exclude_frames=(synthetic.scene_name(4), '999999'))

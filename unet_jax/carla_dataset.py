@@ -10,8 +10,9 @@ Splits are assigned by a stable hash (sha256) of a group key: the recording
 block (first three characters of the name, the default) or the name itself;
 or the validation split is named outright (`validation_groups`), the rest
 training (and test, by hash). Frames named in `exclude_frames` (e.g. those
-whose mask belongs to another frame) are left out of every split; the
-others keep the split they would have without them.
+whose mask belongs to another frame), and every frame of the groups named in
+`exclude_groups` (recordings kept out of an experiment), are left out of
+every split; the others keep the split they would have without them.
 CARLA frames come from video, so a split by frame would leak near-identical
 neighbours into validation; and since a frame's split depends only on its
 own key, adding frames never moves existing ones.
@@ -242,7 +243,7 @@ class CarlaScenes(tfds.core.GeneratorBasedBuilder):
     except SplitError as error:
       if not config.exclude_frames:
         raise
-      raise SplitError(f'{error} (config.data.exclude_frames leaves out '
+      raise SplitError(f'{error} (config.data.exclude_frames / exclude_groups leave out '
                        f'{len(config.exclude_frames)} frame(s))') from error
     return {split: self._generate_examples([by_name[n] for n in names])
             for split, names in splits.items()}
@@ -282,17 +283,46 @@ def _remove_stale_copies(builder: CarlaScenes) -> None:
       shutil.rmtree(other, ignore_errors=True)
 
 
+def frames_of_groups(names, groups, split_key: str, validation_groups=()) -> tuple[str, ...]:
+  """The names whose group key is one of `groups` (e.g. recordings '000', '007').
+
+  Each group must hold a frame, and none may also be a validation group: a
+  typo or a contradiction stops preparation instead of being ignored.
+  """
+  groups = tuple(groups)
+  keys = sorted({group_key(n, split_key) for n in names})
+  missing = [g for g in groups if g not in keys]
+  if missing:
+    raise SplitError(
+        f'data.exclude_groups names {", ".join(map(repr, missing))}, but no frame has that '
+        f'{split_key} key (the data holds {len(keys)}: '
+        f'{", ".join(keys[:20])}{", ..." if len(keys) > 20 else ""})')
+  both = [g for g in groups if g in tuple(validation_groups)]
+  if both:
+    raise SplitError(f'data.exclude_groups and data.validation_groups both name '
+                     f'{", ".join(map(repr, both))}: a group cannot validate and be left out')
+  return tuple(n for n in names if group_key(n, split_key) in groups)
+
+
 def prepare(data_dir, *, prepared_dir: str = '', split_key: str = 'recording',
             validation_fraction: float = 0.15, test_fraction: float = 0.15,
-            validation_groups=(), exclude_frames=(), skip_bad_pairs: bool = False,
+            validation_groups=(), exclude_frames=(), exclude_groups=(),
+            skip_bad_pairs: bool = False,
             num_classes: int = classes.NUM_CLASSES) -> CarlaScenes:
   """Validates and prepares the folder (once per content and settings); returns the builder.
 
   `exclude_frames`: frame names (file stems) left out of every split; each
-  must be a frame of the folder.
+  must be a frame of the folder. `exclude_groups`: group keys (recordings,
+  with split_key='recording') whose frames are all left out; the copy is the
+  one that `exclude_frames` listing those frames would give.
   """
   data_dir = pathlib.Path(data_dir)
-  carla_files.list_pairs(data_dir)  # a missing or empty folder fails before anything is written
+  # A missing or empty folder fails before anything is written.
+  pairs = carla_files.list_pairs(data_dir)[0]
+  group_key('000000', split_key)  # validates split_key before it is used
+  if exclude_groups:
+    exclude_frames = tuple(exclude_frames) + frames_of_groups(
+        [pair.name for pair in pairs], exclude_groups, split_key, validation_groups)
   config = builder_config(data_dir, split_key=split_key, validation_fraction=validation_fraction,
                           test_fraction=test_fraction, validation_groups=validation_groups,
                           exclude_frames=exclude_frames, skip_bad_pairs=skip_bad_pairs,

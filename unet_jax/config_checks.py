@@ -127,6 +127,9 @@ RULES: dict[str, Rule] = {
     'data.exclude_frames': (lambda v: isinstance(v, (tuple, list)) and
                             all(isinstance(n, str) and n for n in v) and len(set(v)) == len(v),
                             "distinct non-empty strings (frame names, e.g. ('000034', '011478'))"),
+    'data.exclude_groups': (lambda v: isinstance(v, (tuple, list)) and
+                            all(isinstance(g, str) and g for g in v) and len(set(v)) == len(v),
+                            "distinct non-empty strings (group keys, e.g. recordings ('000', '007'))"),
     'data.skip_bad_pairs': boolean(),
     'data.device_cache': one_of('auto', 'always', 'never'),
     'data.device_cache_max_mb': number(0),

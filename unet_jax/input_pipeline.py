@@ -403,6 +403,7 @@ def create_datasets(config, mesh: jax.sharding.Mesh) -> dict[str, SegmentationDa
       validation_fraction=data.validation_fraction, test_fraction=data.test_fraction,
       validation_groups=tuple(data.get('validation_groups', ())),
       exclude_frames=tuple(data.get('exclude_frames', ())),
+      exclude_groups=tuple(data.get('exclude_groups', ())),
       skip_bad_pairs=data.skip_bad_pairs, num_classes=config.model.num_classes),
       'preparing the frames')
   sizes = carla_dataset.split_sizes(builder)
@@ -447,6 +448,8 @@ def folder_dataset(config, mesh: jax.sharding.Mesh, data_dir,
   the folder does not hold are passed over (they were checked against the
   training folder; another folder need not hold them), so a folder of other
   recordings that reuses such a name loses that frame as well.
+  `data.exclude_groups` does not: it shapes the training folder's split, and
+  a folder given here is scored whole.
   """
   data = config.data
   image_size = tuple(int(n) for n in data.image_size)
